@@ -1,0 +1,244 @@
+"""Database settings, the engine, the ORM models and the session-per-request middleware."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Identity,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    UniqueConstraint,
+    event,
+    func,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+from sqlalchemy.types import TypeDecorator
+from starlette.config import Config
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("users.db")
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from the environment, with its defaults."""
+
+    database_url: str = "sqlite+aiosqlite:///./users.db"
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout: float = 5.0
+    pool_recycle: int = 28000
+    pool_pre_ping: bool = True
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    max_body_bytes: int = 65536
+
+    @classmethod
+    def from_environ(cls) -> Settings:
+        config = Config()  # environment only: no .env file is read
+        return cls(
+            database_url=config("DATABASE_URL", default=cls.database_url),
+            pool_size=config("DB_POOL_SIZE", cast=int, default=cls.pool_size),
+            max_overflow=config("DB_MAX_OVERFLOW", cast=int, default=cls.max_overflow),
+            pool_timeout=config("DB_POOL_TIMEOUT", cast=float, default=cls.pool_timeout),
+            pool_recycle=config("DB_POOL_RECYCLE", cast=int, default=cls.pool_recycle),
+            pool_pre_ping=config("DB_POOL_PRE_PING", cast=bool, default=cls.pool_pre_ping),
+            connect_timeout=config("DB_CONNECT_TIMEOUT", cast=float, default=cls.connect_timeout),
+            command_timeout=config("DB_COMMAND_TIMEOUT", cast=float, default=cls.command_timeout),
+            max_body_bytes=config("MAX_BODY_BYTES", cast=int, default=cls.max_body_bytes),
+        )
+
+
+def async_url(url: str) -> URL:
+    """Accept plain `postgresql://` and `sqlite://` URLs and pick the asyncio driver."""
+    parsed = make_url(url)
+    driver = {"postgres": "postgresql+asyncpg", "postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+    return parsed.set(drivername=driver.get(parsed.drivername, parsed.drivername))
+
+
+def make_engine(settings: Settings, *, pooled: bool = True) -> AsyncEngine:
+    """One engine per process: it owns the connection pool."""
+    url = async_url(settings.database_url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": settings.pool_pre_ping}
+    if pooled:
+        kwargs.update(
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout,
+            pool_recycle=settings.pool_recycle,
+        )
+    else:
+        kwargs["poolclass"] = NullPool
+    if url.get_backend_name() == "postgresql":
+        # asyncpg waits 60 s to connect and forever for a statement unless told otherwise.
+        kwargs["connect_args"] = {"timeout": settings.connect_timeout, "command_timeout": settings.command_timeout}
+        return create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, **kwargs)
+    _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself, so SAVEPOINT and transactional DDL work (see
+        # SQLAlchemy's "Transactions with SQLite and the sqlite3 driver").
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "busy_timeout=5000", "foreign_keys=ON", "synchronous=NORMAL"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for the errors that mean "the database cannot be reached right now"."""
+    if isinstance(exc, PoolTimeoutError | OperationalError | InterfaceError | OSError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def upgrade_schema(database_url: str) -> None:
+    """Apply the Alembic migrations (blocking; from async code, run it in a thread)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig(str(PROJECT_DIR / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_DIR / "migrations"))
+    config.attributes["database_url"] = database_url
+    command.upgrade(config, "head")
+
+
+# --- the models -----------------------------------------------------------------------------
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# Ids are never reused: AUTOINCREMENT on SQLite (which needs the INTEGER type), IDENTITY on PostgreSQL.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+# Binary collation, so usernames compare and sort alike on SQLite and PostgreSQL.
+Username = String(20).with_variant(String(20, collation="C"), "postgresql")
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_users"),
+        UniqueConstraint("username", name="uq_users_username"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Id, Identity(always=False))
+    username: Mapped[str] = mapped_column(Username)
+    email: Mapped[str] = mapped_column(String(254))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    address: Mapped[str | None] = mapped_column(String(100), default=None)
+    phone_number: Mapped[str | None] = mapped_column(String(11), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
+
+
+# Emails are unique case-insensitively.
+Index("uq_users_email_lower", func.lower(User.email), unique=True)
+
+
+# --- the session middleware -----------------------------------------------------------------
+
+
+class CommitFailed(Exception):
+    """The commit before the response failed; the response was not sent."""
+
+
+class DBSessionMiddleware:
+    """Give each HTTP request its own AsyncSession at `request.state.session`.
+
+    A response below 400 is sent only after its transaction has committed; anything else rolls
+    back, and a failed commit becomes a 500 instead of the app's response.
+    """
+
+    def __init__(self, app: ASGIApp, close_timeout: float = 10.0) -> None:
+        self.app = app
+        self.close_timeout = close_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        # Cheap: the session checks out a pooled connection only when first used.
+        session: AsyncSession = scope["state"]["sessionmaker"]()
+        # A copy: some servers (and asgi-lifespan) hand every request the same state dict.
+        scope["state"] = {**scope["state"], "session": session}
+        commit_error: CommitFailed | None = None
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal commit_error
+            if commit_error is not None:
+                return  # the app's response is dropped: the client gets the 500
+            if message["type"] == "http.response.start":
+                if message["status"] < 400:
+                    # Don't send the start message until we know the commit worked.
+                    try:
+                        await session.commit()
+                    except Exception as exc:
+                        commit_error = CommitFailed("the commit failed, so the response was not sent")
+                        raise commit_error from exc
+                else:
+                    await session.rollback()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+            if commit_error is not None:
+                raise commit_error  # the app swallowed it; the outer error middleware answers 500
+        finally:
+            await self.close(session)
+
+    async def close(self, session: AsyncSession) -> None:
+        # close() rolls back whatever was not committed and returns the connection to the pool.
+        # Shielded, because a cancelled request must still give its connection back; bounded,
+        # because a dead socket must not hold a pool slot forever.
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.close_timeout) as bound:
+                await session.close()
+            if bound.cancelled_caught:
+                logger.warning("closing a session took over %s s; invalidating its connection", self.close_timeout)
+                await session.invalidate()

@@ -1,0 +1,40 @@
+"""Alembic environment: async engine, URL from DATABASE_URL (or the caller's `database_url`)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from db import Base, Settings, make_engine
+
+config = context.config
+if config.config_file_name is not None and not config.attributes.get("database_url"):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+settings = Settings.from_environ()
+settings = replace(settings, database_url=config.attributes.get("database_url") or settings.database_url)
+
+
+def run_migrations(connection: Connection) -> None:
+    # render_as_batch: SQLite can only ALTER a table by copying it; batch mode does that.
+    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations() -> None:
+    engine = make_engine(settings, pooled=False)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(run_migrations)
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("Offline (--sql) migrations are not supported; run against a database.")
+asyncio.run(run_async_migrations())
