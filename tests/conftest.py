@@ -80,7 +80,7 @@ def postgres_template() -> Iterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database with the migrated schema, for this test alone."""
     if request.param == "sqlite":
         shutil.copy(request.getfixturevalue("sqlite_template"), tmp_path / "users.db")
@@ -88,9 +88,9 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     template = request.getfixturevalue("postgres_template")
     name = f"users_test_{uuid.uuid4().hex[:12]}"
-    await postgres_admin(f"CREATE DATABASE {name} TEMPLATE {template}")
+    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name} TEMPLATE {template}"))
     yield postgres_dsn(name)
-    await postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture

@@ -1,0 +1,107 @@
+"""End to end: the service as a real uvicorn process on 127.0.0.1, over real HTTP.
+
+`service_url` is the subprocess fixture the README offers to other projects' test suites.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Database, signup_body
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- the README's subprocess fixture (kept verbatim in README.md; a test checks) --------------
+@pytest.fixture
+def service_url(database_url: str) -> Iterator[str]:
+    """The user service as a real uvicorn process on a free loopback port, on a migrated database."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url}
+    command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_signup_then_lookup_over_real_http(service_url: str, db: Database) -> None:
+    async with httpx.AsyncClient(base_url=service_url) as client:
+        created = await client.post("/api/users/signup", json=signup_body("alice"))
+        assert created.status_code == 201
+        # Read-after-write on a new request: the 201 was sent after the commit.
+        found = await client.get("/api/users/alice")
+        assert found.status_code == 200
+        assert found.json()["id"] == created.json()["id"]
+        assert (await client.post("/api/users/signup", json=signup_body("alice"))).status_code == 409
+        assert (await client.get("/api/users")).json()["items"][0]["username"] == "alice"
+        assert (await client.get("/readyz")).status_code == 200
+    assert await db.usernames() == ["alice"]
+
+
+def test_curl_style_requests(service_url: str) -> None:
+    # What the README's curl examples send: no client library, just the bytes.
+    response = httpx.post(
+        f"{service_url}/api/users/signup",
+        content=b'{"username": "bob", "password": "Secret123!", "email": "bob@example.com"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 201
+    assert httpx.get(f"{service_url}/api/users/bob").json()["username"] == "bob"
+    assert httpx.get(f"{service_url}/api/users?limit=1").json()["next"] is None
+
+
+def test_sigterm_stops_the_service_cleanly(database_url: str) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--port", str(port)]
+    env = {**os.environ, "DATABASE_URL": database_url}
+    process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(500):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/readyz")
+                break
+            except httpx.TransportError:
+                time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it.
+    assert process.returncode == -signal.SIGTERM
+    assert "Application shutdown complete." in stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,124 @@
+"""The schema: Alembic owns it, the models agree with it, and the engine is configured as designed."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, text
+
+from conftest import Database, in_thread
+from db import Base, Settings, async_url, make_engine, upgrade_schema
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_models_match_the_migrations(database_url: str) -> None:
+    def diff(connection: Connection) -> list[object]:
+        with warnings.catch_warnings():
+            # SQLite cannot reflect expression indexes (lower(email)); Alembic says so and skips them.
+            warnings.filterwarnings("ignore", "autogenerate skipping metadata-specified expression-based index")
+            warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index")
+            return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+    engine = make_engine(Settings(database_url=database_url), pooled=False)
+    try:
+        async with engine.connect() as connection:
+            assert await connection.run_sync(diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_migrating_a_migrated_database_changes_nothing(db: Database) -> None:
+    assert await db.scalar("SELECT version_num FROM alembic_version") == "0001"
+    in_thread(upgrade_schema, db.url)  # already at head: nothing to do, nothing breaks
+    assert await db.scalar("SELECT version_num FROM alembic_version") == "0001"
+
+
+async def test_sqlite_connections_get_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
+    engine = make_engine(Settings(database_url=f"sqlite:///{tmp_path / 'users.db'}"))
+    try:
+        async with engine.connect() as connection:
+            pragmas = {
+                name: (await connection.execute(text(f"PRAGMA {name}"))).scalar()
+                for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+            }
+    finally:
+        await engine.dispose()
+    assert pragmas == {"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1, "synchronous": 1}
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:p@db:5432/users", "postgresql+asyncpg://u:***@db:5432/users"),
+        ("postgres://u@db/users", "postgresql+asyncpg://u@db/users"),
+        ("postgresql+asyncpg://u@db/users", "postgresql+asyncpg://u@db/users"),
+        ("sqlite:///./users.db", "sqlite+aiosqlite:///./users.db"),
+        ("sqlite+aiosqlite:////var/lib/users.db", "sqlite+aiosqlite:////var/lib/users.db"),
+    ],
+)
+def test_plain_database_urls_get_the_asyncio_driver(given: str, expected: str) -> None:
+    assert str(async_url(given)) == expected
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "DATABASE_URL": "postgresql://u@db/users",
+        "DB_POOL_SIZE": "7",
+        "DB_MAX_OVERFLOW": "0",
+        "DB_POOL_TIMEOUT": "1.5",
+        "DB_POOL_RECYCLE": "1800",
+        "DB_POOL_PRE_PING": "false",
+        "DB_CONNECT_TIMEOUT": "2",
+        "DB_COMMAND_TIMEOUT": "3",
+        "MAX_BODY_BYTES": "1024",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    assert Settings.from_environ() == Settings(
+        database_url="postgresql://u@db/users",
+        pool_size=7,
+        max_overflow=0,
+        pool_timeout=1.5,
+        pool_recycle=1800,
+        pool_pre_ping=False,
+        connect_timeout=2,
+        command_timeout=3,
+        max_body_bytes=1024,
+    )
+
+
+def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DATABASE_URL", "DB_POOL_SIZE", "DB_POOL_RECYCLE", "DB_POOL_PRE_PING", "MAX_BODY_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_environ()
+    assert settings.database_url == "sqlite+aiosqlite:///./users.db"
+    assert (settings.pool_recycle, settings.pool_pre_ping) == (28000, True)
+
+
+async def test_the_engine_applies_the_pool_settings(database_url: str) -> None:
+    engine = make_engine(
+        Settings(
+            database_url=database_url,
+            pool_size=3,
+            max_overflow=2,
+            pool_timeout=1.5,
+            pool_recycle=900,
+            pool_pre_ping=False,
+        )
+    )
+    pool = engine.sync_engine.pool
+    try:
+        assert (pool.size(), pool._max_overflow, pool._timeout, pool._recycle, pool._pre_ping) == (  # type: ignore[attr-defined]
+            3,
+            2,
+            1.5,
+            900,
+            False,
+        )
+    finally:
+        await engine.dispose()
