@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -19,9 +20,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from auth import hash_limiter, hash_password
+from auth import Tokens, authenticate, hash_limiter, hash_password, hasher, revoke, verify_password
 from db import DBSessionMiddleware, Settings, is_unavailable, make_engine, make_sessionmaker
-from schemas import ListQuery, Page, PrivateProfile, PublicProfile, Signup
+from openapi import openapi_document
+from schemas import (
+    PATTERN_RULES,
+    ListQuery,
+    Page,
+    PasswordChange,
+    PrivateProfile,
+    ProfileUpdate,
+    PublicProfile,
+    Signin,
+    Signup,
+    TokenPair,
+)
 from stores import UserStore
 
 logger = logging.getLogger("users")
@@ -65,6 +78,71 @@ async def signup(request: Request) -> Response:
     return model_response(PrivateProfile.model_validate(user), 201)
 
 
+async def signin(request: Request) -> Response:
+    data = Signin.model_validate_json(await read_json_body(request))
+    user = await UserStore(request.state.session).get_by_username(data.username)
+    limiter = request.state.hash_limiter
+    if not await verify_password(user.password_hash if user else None, data.password, limiter):
+        raise HTTPException(401, "Invalid username or password")
+    assert user is not None
+    if hasher.check_needs_rehash(user.password_hash):  # made with older parameters: upgrade it
+        user.password_hash = await hash_password(data.password, limiter)
+    return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, user.token_version)))
+
+
+async def refresh(request: Request) -> Response:
+    user, claims = await authenticate(request, "refresh")
+    await revoke(request, claims)  # rotation: this refresh token is spent
+    return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, user.token_version)))
+
+
+async def signout(request: Request) -> Response:
+    _, claims = await authenticate(request, "refresh")
+    await revoke(request, claims)
+    return Response(status_code=204)
+
+
+async def get_me(request: Request) -> Response:
+    user, _ = await authenticate(request, "access")
+    return model_response(PrivateProfile.model_validate(user))
+
+
+async def update_me(request: Request) -> Response:
+    user, _ = await authenticate(request, "access")
+    data = ProfileUpdate.model_validate_json(await read_json_body(request))
+    try:
+        await UserStore(request.state.session).update(user, data.model_dump(exclude_unset=True))
+    except IntegrityError:
+        raise HTTPException(409, "Email already exists") from None
+    return model_response(PrivateProfile.model_validate(user))
+
+
+async def change_password(request: Request) -> Response:
+    user, _ = await authenticate(request, "access")
+    data = PasswordChange.model_validate_json(await read_json_body(request))
+    limiter = request.state.hash_limiter
+    if not await verify_password(user.password_hash, data.old_password, limiter):
+        raise HTTPException(401, "Old password is incorrect")
+    new_hash = await hash_password(data.new_password, limiter)
+    # A new token version: every token issued before this moment stops working.
+    await UserStore(request.state.session).update(
+        user, {"password_hash": new_hash, "token_version": user.token_version + 1}
+    )
+    return Response(status_code=204)
+
+
+async def delete_me(request: Request) -> Response:
+    user, _ = await authenticate(request, "access")
+    await UserStore(request.state.session).delete(user)  # its tokens name a user that is gone
+    return Response(status_code=204)
+
+
+async def me(request: Request) -> Response:
+    # One route for the three methods, so that a 405 on /api/users/me lists all of them in Allow.
+    handlers = {"GET": get_me, "HEAD": get_me, "PATCH": update_me, "DELETE": delete_me}
+    return await handlers[request.method](request)
+
+
 async def get_user(request: Request) -> Response:
     user = await UserStore(request.state.session).get_by_username(request.path_params["username"])
     if user is None:
@@ -89,13 +167,23 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
 routes = [
     # Fixed paths before /api/users/{username}: Starlette takes the first match.
     Route("/api/users/signup", signup, methods=["POST"]),
+    Route("/api/users/signin", signin, methods=["POST"]),
+    Route("/api/users/refresh", refresh, methods=["POST"]),
+    Route("/api/users/signout", signout, methods=["POST"]),
+    Route("/api/users/me", me, methods=["GET", "PATCH", "DELETE"]),
+    Route("/api/users/me/password", change_password, methods=["PUT"]),
     Route("/api/users", list_users, methods=["GET"]),
     Route("/api/users/{username:str}", get_user, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]
 
 
@@ -122,11 +210,18 @@ async def validation_error(request: Request, exc: Exception) -> Response:
         return error_response(400, "Request body is not valid JSON.")
     if any(error["loc"] == () for error in errors):
         return error_response(400, "Request body must be a JSON object.")
-    fields = [
-        {"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"].removeprefix("Value error, ")}
-        for error in errors
-    ]
-    return error_response(400, "Some fields are missing or invalid.", errors=fields)
+    fields: dict[str, str] = {}
+    for error in errors:
+        field = str(error["loc"][0])  # the models are flat; deeper parts name union branches
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "string_pattern_mismatch":
+            message = PATTERN_RULES.get(field, message)
+        fields.setdefault(field, message)  # one message per field: the first branch's
+    return invalid_fields([{"field": field, "message": message} for field, message in fields.items()])
+
+
+def invalid_fields(errors: list[dict[str, str]]) -> JSONResponse:
+    return error_response(400, "Some fields are missing or invalid.", errors=errors)
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
@@ -145,6 +240,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_environ()
+    tokens = Tokens(token_secret(settings), settings.access_token_ttl, settings.refresh_token_ttl)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -154,7 +250,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield {
                 "engine": engine,
                 "sessionmaker": make_sessionmaker(engine),
+                "write_sessionmaker": make_sessionmaker(engine, writes=True),
                 "hash_limiter": hash_limiter(),
+                "tokens": tokens,
                 "max_body_bytes": settings.max_body_bytes,
             }
         finally:
@@ -173,3 +271,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
+
+
+def token_secret(settings: Settings) -> str:
+    if settings.secret_key:
+        if len(settings.secret_key.encode()) < 32:
+            raise RuntimeError("SECRET_KEY must be at least 32 bytes long (RFC 7518 asks as much for HS256).")
+        return settings.secret_key
+    if settings.web_concurrency > 1:
+        raise RuntimeError(
+            "SECRET_KEY is not set and WEB_CONCURRENCY > 1: each worker would sign tokens with its own "
+            "random key and refuse the others'. Set SECRET_KEY (for example: python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')."
+        )
+    logger.warning(
+        "SECRET_KEY is not set: using a random key for this process. Tokens will not survive a restart "
+        "and are not valid in other processes. Set SECRET_KEY in production."
+    )
+    return secrets.token_urlsafe(32)

@@ -1,15 +1,31 @@
-"""Password hashing: Argon2id, off the event loop, with a cap on concurrent hashes."""
+"""Passwords (Argon2id, off the event loop, a capped number at a time) and tokens (signed JWTs)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import anyio
 import anyio.to_thread
+import jwt
 from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from db import User
+from stores import RevokedTokenStore, UserStore
 
 # OWASP's Argon2id baseline (19 MiB, 2 passes, 1 lane). argon2-cffi's default takes 64 MiB a hash.
 hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+TokenType = Literal["access", "refresh"]
+ALGORITHM = "HS256"
 
 
 def hash_limiter() -> anyio.CapacityLimiter:
@@ -19,3 +35,110 @@ def hash_limiter() -> anyio.CapacityLimiter:
 
 async def hash_password(password: str, limiter: anyio.CapacityLimiter) -> str:
     return await anyio.to_thread.run_sync(hasher.hash, password, limiter=limiter)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hasher.hash(uuid.uuid4().hex)
+
+
+def _verify(password_hash: str | None, password: str) -> bool:
+    try:
+        # Without a user, check against a dummy hash anyway, so both failures take as long.
+        return hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+async def verify_password(password_hash: str | None, password: str, limiter: anyio.CapacityLimiter) -> bool:
+    return await anyio.to_thread.run_sync(_verify, password_hash, password, limiter=limiter)
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+@dataclass(frozen=True)
+class Claims:
+    user_id: int
+    type: TokenType
+    jti: str
+    expires_at: datetime
+    version: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Issues and checks the access/refresh JWT pair (HS256 with the service's SECRET_KEY)."""
+
+    secret: str
+    access_ttl: int
+    refresh_ttl: int
+
+    def issue(self, user_id: int, version: int) -> dict[str, str]:
+        return {
+            "access_token": self._encode(user_id, version, "access", self.access_ttl),
+            "refresh_token": self._encode(user_id, version, "refresh", self.refresh_ttl),
+            "token_type": "bearer",
+        }
+
+    def _encode(self, user_id: int, version: int, token_type: TokenType, ttl: int) -> str:
+        now = datetime.now(UTC)
+        claims = {
+            "sub": str(user_id),
+            "typ": token_type,
+            "jti": uuid.uuid4().hex,
+            "ver": version,
+            "iat": now,
+            "exp": now + timedelta(seconds=ttl),
+        }
+        return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
+
+    def check(self, token: str, token_type: TokenType) -> Claims:
+        """The token's claims, or a 401 if it is malformed, tampered with, expired or of the wrong type."""
+        try:
+            claims = jwt.decode(
+                token, self.secret, algorithms=[ALGORITHM], options={"require": ["sub", "typ", "jti", "iat", "exp"]}
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("Token has expired") from None
+        except jwt.InvalidTokenError:
+            raise unauthorized("Token is invalid") from None
+        if claims["typ"] != token_type:
+            raise unauthorized(
+                "An access token is required" if token_type == "access" else "A refresh token is required"
+            )
+        try:
+            user_id, version = int(claims["sub"]), int(claims.get("ver", -1))
+        except (TypeError, ValueError):
+            raise unauthorized("Token is invalid") from None
+        return Claims(user_id, token_type, str(claims["jti"]), datetime.fromtimestamp(claims["exp"], UTC), version)
+
+
+# --- authenticating a request ----------------------------------------------------------------
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+async def authenticate(request: Request, token_type: TokenType) -> tuple[User, Claims]:
+    """The user a valid token of this type names; a 401 otherwise."""
+    claims: Claims = request.state.tokens.check(bearer_token(request), token_type)
+    user = await UserStore(request.state.session).get(claims.user_id)
+    if user is None or user.token_version != claims.version:  # deleted, or the password changed since
+        raise unauthorized("Token is no longer valid")
+    return user, claims
+
+
+async def revoke(request: Request, claims: Claims) -> None:
+    revoked = RevokedTokenStore(request.state.session)
+    if await revoked.is_revoked(claims.jti):
+        raise unauthorized("Token has been revoked")
+    try:
+        await revoked.revoke(claims.jti, claims.expires_at)
+    except IntegrityError:  # the same token, used twice at once: only one use wins
+        raise unauthorized("Token has been revoked") from None

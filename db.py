@@ -50,6 +50,10 @@ class Settings:
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
     max_body_bytes: int = 65536
+    secret_key: str | None = None
+    access_token_ttl: int = 15 * 60
+    refresh_token_ttl: int = 7 * 24 * 3600
+    web_concurrency: int = 1
 
     @classmethod
     def from_environ(cls) -> Settings:
@@ -64,6 +68,10 @@ class Settings:
             connect_timeout=config("DB_CONNECT_TIMEOUT", cast=float, default=cls.connect_timeout),
             command_timeout=config("DB_COMMAND_TIMEOUT", cast=float, default=cls.command_timeout),
             max_body_bytes=config("MAX_BODY_BYTES", cast=int, default=cls.max_body_bytes),
+            secret_key=config("SECRET_KEY", default=None) or None,
+            access_token_ttl=config("ACCESS_TOKEN_TTL", cast=int, default=cls.access_token_ttl),
+            refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
+            web_concurrency=config("WEB_CONCURRENCY", cast=int, default=cls.web_concurrency),
         )
 
 
@@ -109,11 +117,17 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout for it). A DEFERRED
+        # transaction that reads and then writes fails at once, without waiting, when another
+        # writer committed after its read began: WAL cannot upgrade a stale snapshot.
+        connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: AsyncEngine, *, writes: bool = False) -> async_sessionmaker[AsyncSession]:
+    """Sessions for requests that only read, or (writes=True) for requests that may write: on
+    SQLite those begin with BEGIN IMMEDIATE; elsewhere the two are the same."""
+    bind = engine.execution_options(sqlite_begin="IMMEDIATE") if writes else engine
+    return async_sessionmaker(bind, expire_on_commit=False)
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -174,10 +188,22 @@ class User(Base):
     address: Mapped[str | None] = mapped_column(String(100), default=None)
     phone_number: Mapped[str | None] = mapped_column(String(11), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
+    # Bumped when the password changes: every token issued before carries an older value.
+    token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 # Emails are unique case-insensitively.
 Index("uq_users_email_lower", func.lower(User.email), unique=True)
+
+
+class RevokedToken(Base):
+    """A refresh token that was used or signed out; kept until it would have expired anyway."""
+
+    __tablename__ = "revoked_tokens"
+    __table_args__ = (PrimaryKeyConstraint("jti", name="pk_revoked_tokens"),)
+
+    jti: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 # --- the session middleware -----------------------------------------------------------------
@@ -204,7 +230,8 @@ class DBSessionMiddleware:
             return
 
         # Cheap: the session checks out a pooled connection only when first used.
-        session: AsyncSession = scope["state"]["sessionmaker"]()
+        writes = scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        session: AsyncSession = scope["state"]["write_sessionmaker" if writes else "sessionmaker"]()
         # A copy: some servers (and asgi-lifespan) hand every request the same state dict.
         scope["state"] = {**scope["state"], "session": session}
         commit_error: CommitFailed | None = None

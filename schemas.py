@@ -1,16 +1,34 @@
-"""Request and response models: one place that validates input and shapes output."""
+"""Request and response models: they validate input, shape output and describe both in OpenAPI."""
 
 from __future__ import annotations
 
-import string
 from datetime import datetime
-from typing import Annotated
+from itertools import permutations
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-USERNAME_PATTERN = r"^[a-zA-Z0-9_-]{3,20}$"
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
-RESERVED_USERNAMES = frozenset({"me", "signup", "signin", "refresh", "signout"})
+RESERVED_USERNAMES = ("me", "signup", "signin", "refresh", "signout")
+USERNAME_PATTERN = r"^[a-zA-Z0-9_-]{3,20}$"
+PHONE_PATTERN = r"^010[0-9]{8}$"
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
+# At least two of: uppercase, lowercase, digit, other (a printable character that is none of them).
+# Written without lookaheads so that Python, Rust (pydantic-core) and JSON Schema regexes agree.
+_CLASSES = ("A-Z", "a-z", "0-9", r"^A-Za-z0-9\x00-\x1f\x7f")
+_ANY = r"[^\x00-\x1f\x7f]*"
+PASSWORD_PATTERN = "^(?:{}){}$".format("|".join(f"{_ANY}[{a}]{_ANY}[{b}]" for a, b in permutations(_CLASSES, 2)), _ANY)
+
+# What each pattern means, for error messages a person can act on.
+PATTERN_RULES = {
+    "username": "use 3 to 20 letters, digits, '_' or '-'",
+    "password": "use at least two of: uppercase, lowercase, digit, other (no control characters)",
+    "new_password": "use at least two of: uppercase, lowercase, digit, other (no control characters)",
+    "phone_number": "use 010 followed by 8 digits",
+    "address": "control characters are not allowed",
+    "after": "use a username: 3 to 20 letters, digits, '_' or '-'",
+}
 
 
 def _not_reserved(username: str) -> str:
@@ -19,32 +37,60 @@ def _not_reserved(username: str) -> str:
     return username
 
 
-def _mixed(password: str) -> str:
-    classes = (string.ascii_uppercase, string.ascii_lowercase, string.digits)
-    kinds = {next((i for i, chars in enumerate(classes) if c in chars), 3) for c in password}
-    if len(kinds) < 2:
-        raise ValueError("password needs at least two of: uppercase, lowercase, digit, other")
-    return password
+Username = Annotated[str, StringConstraints(pattern=USERNAME_PATTERN)]
+NewUsername = Annotated[
+    Username, AfterValidator(_not_reserved), Field(json_schema_extra={"not": {"enum": list(RESERVED_USERNAMES)}})
+]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=20, pattern=PASSWORD_PATTERN)]
+Address = Annotated[str, StringConstraints(max_length=100, pattern=NO_CONTROL_CHARACTERS)]
+PhoneNumber = Annotated[str, StringConstraints(pattern=PHONE_PATTERN)]
+AnyPassword = Annotated[str, StringConstraints(max_length=100)]  # checked against the hash, not the rules
 
 
-UsernameField = Annotated[str, StringConstraints(pattern=USERNAME_PATTERN)]
-NewUsername = Annotated[UsernameField, AfterValidator(_not_reserved)]
-Password = Annotated[str, StringConstraints(min_length=8, max_length=20), AfterValidator(_mixed)]
-
-
-class Signup(BaseModel):
+class Input(BaseModel):
+    # Strict JSON types, and unknown fields are an error: a typo in a curl command gets noticed.
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+EMAIL_RULE = "A deliverable address: special-use domains such as .test, .local or .invalid are refused."
+
+
+class Signup(Input):
     username: NewUsername
     password: Password
-    email: EmailStr
+    email: EmailStr = Field(description=EMAIL_RULE)
+
+
+class Signin(Input):
+    username: Annotated[str, StringConstraints(max_length=100)]
+    password: AnyPassword
+
+
+class ProfileUpdate(Input):
+    """Any of the three; `address` and `phone_number` may be null to clear them."""
+
+    email: EmailStr | SkipJsonSchema[None] = Field(default=None, description=EMAIL_RULE)
+    address: Address | None = None
+    phone_number: PhoneNumber | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _email_not_null(cls, email: str | None) -> str:
+        if email is None:
+            raise ValueError("email cannot be null")
+        return email
+
+
+class PasswordChange(Input):
+    old_password: AnyPassword
+    new_password: Password
 
 
 class ListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(default=20, ge=1, le=100)
-    after: UsernameField | None = None
+    after: Username | None = None
 
 
 class PublicProfile(BaseModel):
@@ -63,4 +109,26 @@ class PrivateProfile(PublicProfile):
 
 class Page(BaseModel):
     items: list[PublicProfile]
-    next: str | None
+    next: str | None = Field(description="Pass as `after` to get the next page; null on the last page.")
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"]
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Error(BaseModel):
+    """The body of every error response."""
+
+    detail: str
+    errors: list[FieldError] | SkipJsonSchema[None] = Field(default=None, description="Only for invalid fields.")
+
+
+class Status(BaseModel):
+    status: str

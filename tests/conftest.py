@@ -10,6 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +32,7 @@ from starlette.applications import Starlette
 from app import create_app
 from db import Settings, async_url, make_engine, upgrade_schema
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
 
@@ -153,9 +159,47 @@ class Database:
     async def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
         await self._run(sql, params, write=True)
 
+    async def column(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+        return [row[0] for row in await self._run(sql, params)]
+
     async def usernames(self) -> list[str]:
-        return [row[0] for row in await self._run("SELECT username FROM users ORDER BY id")]
+        return await self.column("SELECT username FROM users ORDER BY id")
 
 
 def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
     return {"username": username, "password": "Secret123!", "email": f"{username}@example.com", **overrides}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- the README's subprocess fixture (kept verbatim in README.md; a test checks) --------------
+@pytest.fixture
+def service_url(database_url: str) -> Iterator[str]:
+    """The user service as a real uvicorn process on a free loopback port, on a migrated database."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url}
+    command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------

@@ -1,61 +1,19 @@
-"""End to end: the service as a real uvicorn process on 127.0.0.1, over real HTTP.
-
-`service_url` is the subprocess fixture the README offers to other projects' test suites.
-"""
+"""End to end: the service as a real uvicorn process on 127.0.0.1, over real HTTP."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import Database, signup_body
+from conftest import PROJECT_DIR, Database, free_port, signup_body
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# --- the README's subprocess fixture (kept verbatim in README.md; a test checks) --------------
-@pytest.fixture
-def service_url(database_url: str) -> Iterator[str]:
-    """The user service as a real uvicorn process on a free loopback port, on a migrated database."""
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url}
-    command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--port", str(port)]
-    process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=10)
-
-
-# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.anyio

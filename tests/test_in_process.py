@@ -40,9 +40,9 @@ async def test_the_in_process_fixture_serves_the_api(users_client: httpx.AsyncCl
 
 
 def test_the_readme_shows_both_fixtures_verbatim() -> None:
-    import test_e2e
+    import conftest
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for fixture in (users_client, test_e2e.service_url):
+    for fixture in (users_client, conftest.service_url):
         source = inspect.getsource(inspect.unwrap(fixture))
         assert source in readme, f"README.md no longer shows {fixture.__name__} as tests/ has it"

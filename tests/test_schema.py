@@ -33,9 +33,9 @@ async def test_the_models_match_the_migrations(database_url: str) -> None:
 
 
 async def test_migrating_a_migrated_database_changes_nothing(db: Database) -> None:
-    assert await db.scalar("SELECT version_num FROM alembic_version") == "0001"
+    assert await db.scalar("SELECT version_num FROM alembic_version") == "0002"
     in_thread(upgrade_schema, db.url)  # already at head: nothing to do, nothing breaks
-    assert await db.scalar("SELECT version_num FROM alembic_version") == "0001"
+    assert await db.scalar("SELECT version_num FROM alembic_version") == "0002"
 
 
 async def test_sqlite_connections_get_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:

@@ -1,0 +1,368 @@
+"""Accounts and tokens: signin, refresh rotation, signout, /me, password change, deletion."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import httpx
+import jwt
+import pytest
+from argon2 import PasswordHasher
+from asgi_lifespan import LifespanManager
+
+from app import create_app
+from conftest import Database, signup_body
+from db import Settings
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "a-test-secret-long-enough-for-hs256-and-hs512-" + "x" * 32
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, secret_key=SECRET)
+
+
+async def sign_up_and_in(client: httpx.AsyncClient, username: str = "alice") -> dict[str, str]:
+    assert (await client.post("/api/users/signup", json=signup_body(username))).status_code == 201
+    response = await client.post("/api/users/signin", json={"username": username, "password": "Secret123!"})
+    assert response.status_code == 200
+    tokens: dict[str, str] = response.json()
+    return tokens
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_401(response: httpx.Response, detail: str) -> None:
+    assert response.status_code == 401
+    assert response.json() == {"detail": detail}
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_signin_answers_a_signed_token_pair(client: httpx.AsyncClient) -> None:
+    tokens = await sign_up_and_in(client)
+
+    assert set(tokens) == {"access_token", "refresh_token", "token_type"}
+    assert tokens["token_type"] == "bearer"
+    access = jwt.decode(tokens["access_token"], SECRET, algorithms=["HS256"])
+    refresh = jwt.decode(tokens["refresh_token"], SECRET, algorithms=["HS256"])
+    user_id = (await client.get("/api/users/alice")).json()["id"]
+    assert (access["sub"], access["typ"], refresh["sub"], refresh["typ"]) == (
+        str(user_id),
+        "access",
+        str(user_id),
+        "refresh",
+    )
+    assert access["exp"] - access["iat"] == 15 * 60
+    assert refresh["exp"] - refresh["iat"] == 7 * 24 * 3600
+    assert access["jti"] != refresh["jti"]
+
+
+@pytest.mark.parametrize(("username", "password"), [("alice", "Wrong123!"), ("nobody", "Secret123!"), ("alice", "")])
+async def test_signin_with_a_wrong_password_or_unknown_user_is_the_same_401(
+    client: httpx.AsyncClient, username: str, password: str
+) -> None:
+    await client.post("/api/users/signup", json=signup_body("alice"))
+    response = await client.post("/api/users/signin", json={"username": username, "password": password})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid username or password"}
+
+
+@pytest.mark.parametrize("body", [{}, {"username": "alice"}, {"username": "alice", "password": 1}, {"extra": 1}])
+async def test_signin_with_a_malformed_body_is_400(client: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    assert (await client.post("/api/users/signin", json=body)).status_code == 400
+
+
+async def test_signin_upgrades_a_hash_made_with_older_parameters(client: httpx.AsyncClient, db: Database) -> None:
+    await client.post("/api/users/signup", json=signup_body("alice"))
+    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Secret123!")
+    await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
+
+    response = await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})
+
+    assert response.status_code == 200
+    upgraded = await db.scalar("SELECT password_hash FROM users")
+    assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert (await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})).is_success
+
+
+async def test_me_answers_the_private_profile(client: httpx.AsyncClient) -> None:
+    tokens = await sign_up_and_in(client)
+    response = await client.get("/api/users/me", headers=bearer(tokens["access_token"]))
+    assert response.status_code == 200
+    assert response.json()["email"] == "alice@example.com"
+    assert set(response.json()) == {"id", "username", "email", "address", "phone_number", "created_at"}
+
+
+def forged(key: str = SECRET, algorithm: str = "HS256", **changes: Any) -> str:
+    claims = {"sub": "1", "typ": "access", "jti": "x", "iat": 0, "exp": 9e9, "ver": 0, **changes}
+    return "Bearer " + jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
+
+
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        (None, "A bearer token is required"),
+        ("Basic YWxpY2U6c2VjcmV0", "A bearer token is required"),
+        ("Bearer", "A bearer token is required"),
+        ("Bearer not-a-jwt", "Token is invalid"),
+        (forged(key="another-secret-that-is-long-enough-0123456789"), "Token is invalid"),
+        (forged(jti=None), "Token is invalid"),
+        (forged(algorithm="HS512"), "Token is invalid"),
+        (forged(exp=1), "Token has expired"),
+        (forged(sub="x"), "Token is invalid"),
+        (forged(sub="999"), "Token is no longer valid"),
+    ],
+)
+async def test_me_refuses_missing_malformed_forged_and_expired_tokens(
+    client: httpx.AsyncClient, authorization: str | None, detail: str
+) -> None:
+    await sign_up_and_in(client)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    assert_401(await client.get("/api/users/me", headers=headers), detail)
+
+
+async def test_a_tampered_token_is_refused(client: httpx.AsyncClient) -> None:
+    access = (await sign_up_and_in(client))["access_token"]
+    header, payload, signature = access.split(".")
+    forged = ".".join([header, payload, signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")])
+    assert_401(await client.get("/api/users/me", headers=bearer(forged)), "Token is invalid")
+
+
+async def test_token_types_are_not_interchangeable(client: httpx.AsyncClient) -> None:
+    tokens = await sign_up_and_in(client)
+    assert_401(
+        await client.get("/api/users/me", headers=bearer(tokens["refresh_token"])), "An access token is required"
+    )
+    response = await client.post("/api/users/refresh", headers=bearer(tokens["access_token"]))
+    assert_401(response, "A refresh token is required")
+
+
+async def test_an_expired_access_token_is_refused(settings: Settings) -> None:
+    app = create_app(replace(settings, access_token_ttl=-1))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            tokens = await sign_up_and_in(client)
+            assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token has expired")
+
+
+async def test_refresh_rotates_and_the_used_token_is_revoked(client: httpx.AsyncClient, db: Database) -> None:
+    first = await sign_up_and_in(client)
+
+    response = await client.post("/api/users/refresh", headers=bearer(first["refresh_token"]))
+
+    assert response.status_code == 200
+    second = response.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    assert (await client.get("/api/users/me", headers=bearer(second["access_token"]))).status_code == 200
+    reused = await client.post("/api/users/refresh", headers=bearer(first["refresh_token"]))
+    assert_401(reused, "Token has been revoked")
+    assert (await client.post("/api/users/refresh", headers=bearer(second["refresh_token"]))).status_code == 200
+    assert await db.scalar("SELECT count(*) FROM revoked_tokens") == 2
+
+
+async def test_a_refresh_token_used_twice_at_once_rotates_only_once(client: httpx.AsyncClient) -> None:
+    refresh = (await sign_up_and_in(client))["refresh_token"]
+    statuses: list[int] = []
+
+    async def use() -> None:
+        statuses.append((await client.post("/api/users/refresh", headers=bearer(refresh))).status_code)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(5):
+            tasks.start_soon(use)
+
+    assert sorted(statuses) == [200, 401, 401, 401, 401]
+
+
+async def test_signout_revokes_the_refresh_token(client: httpx.AsyncClient) -> None:
+    tokens = await sign_up_and_in(client)
+
+    response = await client.post("/api/users/signout", headers=bearer(tokens["refresh_token"]))
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert_401(
+        await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"])), "Token has been revoked"
+    )
+    assert_401(
+        await client.post("/api/users/signout", headers=bearer(tokens["refresh_token"])), "Token has been revoked"
+    )
+
+
+async def test_expired_revocations_are_purged(client: httpx.AsyncClient, db: Database) -> None:
+    await db.execute(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES ('old', :past), ('live', :future)",
+        {"past": datetime(2000, 1, 1, tzinfo=UTC), "future": datetime(2999, 1, 1, tzinfo=UTC)},
+    )
+    tokens = await sign_up_and_in(client)
+
+    assert (await client.post("/api/users/signout", headers=bearer(tokens["refresh_token"]))).status_code == 204
+
+    remaining = set(await db.column("SELECT jti FROM revoked_tokens"))
+    assert "old" not in remaining
+    assert "live" in remaining
+    assert len(remaining) == 2
+
+
+async def test_update_me_changes_the_given_fields_only(client: httpx.AsyncClient) -> None:
+    access = (await sign_up_and_in(client))["access_token"]
+
+    changed = await client.patch(
+        "/api/users/me", json={"address": "Seoul, Gwanak-ro 1", "phone_number": "01012345678"}, headers=bearer(access)
+    )
+    assert changed.status_code == 200
+    assert (changed.json()["address"], changed.json()["phone_number"]) == ("Seoul, Gwanak-ro 1", "01012345678")
+
+    email = await client.patch("/api/users/me", json={"email": "new@example.com"}, headers=bearer(access))
+    assert email.json()["email"] == "new@example.com"
+    assert email.json()["address"] == "Seoul, Gwanak-ro 1"
+
+    cleared = await client.patch("/api/users/me", json={"address": None}, headers=bearer(access))
+    assert cleared.json()["address"] is None
+    unchanged = await client.patch("/api/users/me", json={}, headers=bearer(access))
+    assert unchanged.json() == cleared.json()
+    assert (await client.get("/api/users/me", headers=bearer(access))).json() == cleared.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": None}, "email"),
+        ({"email": "nope"}, "email"),
+        ({"address": "x" * 101}, "address"),
+        ({"address": "line\nbreak"}, "address"),
+        ({"phone_number": "0101234567"}, "phone_number"),
+        ({"phone_number": "01112345678"}, "phone_number"),
+        ({"phone_number": "010-1234-5678"}, "phone_number"),
+        ({"phone_number": 1012345678}, "phone_number"),
+        ({"username": "bob"}, "username"),
+    ],
+)
+async def test_update_me_refuses_invalid_fields_and_writes_nothing(
+    client: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    access = (await sign_up_and_in(client))["access_token"]
+    before = (await client.get("/api/users/me", headers=bearer(access))).json()
+
+    response = await client.patch("/api/users/me", json=body, headers=bearer(access))
+
+    assert response.status_code == 400
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+    assert (await client.get("/api/users/me", headers=bearer(access))).json() == before
+
+
+async def test_update_me_to_a_taken_email_is_409(client: httpx.AsyncClient) -> None:
+    await sign_up_and_in(client, "bob")
+    access = (await sign_up_and_in(client, "alice"))["access_token"]
+
+    response = await client.patch("/api/users/me", json={"email": "BOB@example.com"}, headers=bearer(access))
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "Email already exists"}
+    assert (await client.get("/api/users/me", headers=bearer(access))).json()["email"] == "alice@example.com"
+
+
+async def test_address_limit_is_inclusive(client: httpx.AsyncClient) -> None:
+    access = (await sign_up_and_in(client))["access_token"]
+    response = await client.patch("/api/users/me", json={"address": "가" * 100}, headers=bearer(access))
+    assert response.status_code == 200
+
+
+async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient) -> None:
+    tokens = await sign_up_and_in(client)
+    body = {"old_password": "Secret123!", "new_password": "Better456?"}
+
+    response = await client.put("/api/users/me/password", json=body, headers=bearer(tokens["access_token"]))
+
+    assert response.status_code == 204
+    assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
+    refreshed = await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"]))
+    assert_401(refreshed, "Token is no longer valid")
+    old = await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})
+    assert old.status_code == 401
+    new = await client.post("/api/users/signin", json={"username": "alice", "password": "Better456?"})
+    assert (await client.get("/api/users/me", headers=bearer(new.json()["access_token"]))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"old_password": "Wrong123!", "new_password": "Better456?"}, 401),
+        ({"old_password": "Secret123!", "new_password": "weak"}, 400),
+        ({"old_password": "Secret123!", "new_password": "alllowercase"}, 400),
+        ({"old_password": "Secret123!"}, 400),
+    ],
+)
+async def test_a_refused_password_change_changes_nothing(
+    client: httpx.AsyncClient, body: dict[str, str], status: int
+) -> None:
+    tokens = await sign_up_and_in(client)
+
+    response = await client.put("/api/users/me/password", json=body, headers=bearer(tokens["access_token"]))
+
+    assert response.status_code == status
+    assert (await client.get("/api/users/me", headers=bearer(tokens["access_token"]))).status_code == 200
+    signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})
+    assert signin.status_code == 200
+
+
+async def test_deleting_the_account_ends_its_tokens_and_frees_the_username(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    tokens = await sign_up_and_in(client)
+    old_id = (await client.get("/api/users/alice")).json()["id"]
+
+    response = await client.delete("/api/users/me", headers=bearer(tokens["access_token"]))
+
+    assert response.status_code == 204
+    assert await db.usernames() == []
+    assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
+    assert_401(
+        await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"])), "Token is no longer valid"
+    )
+    assert (await client.get("/api/users/alice")).status_code == 404
+
+    again = await sign_up_and_in(client)  # the same name, a new user with a new id
+    assert (await client.get("/api/users/alice")).json()["id"] > old_id
+    assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
+    assert (await client.get("/api/users/me", headers=bearer(again["access_token"]))).status_code == 200
+
+
+async def test_tokens_work_across_processes_that_share_the_secret(
+    settings: Settings, client: httpx.AsyncClient
+) -> None:
+    tokens = await sign_up_and_in(client)
+    async with LifespanManager(create_app(settings)) as other:
+        transport = httpx.ASGITransport(app=other.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as replica:
+            assert (await replica.get("/api/users/me", headers=bearer(tokens["access_token"]))).status_code == 200
+            assert (
+                await replica.post("/api/users/refresh", headers=bearer(tokens["refresh_token"]))
+            ).status_code == 200
+    # The revocation is in the database: the first process refuses the spent token too.
+    assert (await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"]))).status_code == 401
+
+
+def test_without_a_secret_key_one_process_generates_one_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="users"):
+        create_app(Settings(secret_key=None, web_concurrency=1))
+    assert "SECRET_KEY is not set" in caplog.text
+
+
+def test_a_short_secret_key_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="at least 32 bytes"):
+        create_app(Settings(secret_key="too-short"))
+
+
+def test_without_a_secret_key_several_workers_refuse_to_start() -> None:
+    with pytest.raises(RuntimeError, match="SECRET_KEY is not set and WEB_CONCURRENCY > 1"):
+        create_app(Settings(secret_key=None, web_concurrency=2))
