@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,3 +65,17 @@ def test_sigterm_stops_the_service_cleanly(database_url: str) -> None:
     assert process.returncode == -signal.SIGTERM
     assert "Application shutdown complete." in stderr
     assert "Traceback" not in stderr
+
+
+def test_the_readme_curl_walkthrough_works_verbatim(service_url: str) -> None:
+    readme = (PROJECT_DIR / "README.md").read_text()
+    walkthrough = readme.split("## Try it with curl", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    expected = re.findall(r"^# (\d{3})\b", walkthrough, flags=re.MULTILINE)
+    assert shutil.which("curl"), "curl is needed to run the README's curl examples (apt-get install curl)"
+
+    script = walkthrough.replace("http://127.0.0.1:8000", service_url)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+
+    statuses = re.findall(r"HTTP/1\.1 (\d{3}) ", result.stdout)  # bodies end without a newline
+    assert statuses == expected, result.stdout + result.stderr
+    assert len(expected) == 9
