@@ -229,8 +229,8 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # Cheap: the session checks out a pooled connection only when first used.
         writes = scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        # Cheap: the session checks out a pooled connection only when first used.
         session: AsyncSession = scope["state"]["write_sessionmaker" if writes else "sessionmaker"]()
         # A copy: some servers (and asgi-lifespan) hand every request the same state dict.
         scope["state"] = {**scope["state"], "session": session}
