@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
+import anyio
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -16,7 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -231,8 +232,16 @@ async def database_error(request: Request, exc: Exception) -> Response:
     return error_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody will read this answer; what matters is that it is an error, so nothing is committed.
+    logger.info("client disconnected before sending the whole body: %s %s", request.method, request.url.path)
+    return error_response(400, "The client disconnected before sending the whole body.")
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "Internal server error.")
+    # uvicorn closes the connection after an unhandled error; say so, or a client that reuses the
+    # connection loses its next request.
+    return error_response(500, "Internal server error.", headers={"Connection": "close"})
 
 
 # --- the application -------------------------------------------------------------------------
@@ -256,7 +265,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "max_body_bytes": settings.max_body_bytes,
             }
         finally:
-            await engine.dispose()
+            # Bounded: a database that stopped answering must not keep the process from exiting.
+            with anyio.move_on_after(settings.command_timeout) as bound:
+                await engine.dispose()
+            if bound.cancelled_caught:
+                logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
 
     return Starlette(
         routes=routes,
@@ -264,6 +277,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             HTTPException: http_error,
             ValidationError: validation_error,
+            ClientDisconnect: client_gone,
             DBAPIError: database_error,
             PoolTimeoutError: database_error,
             OSError: database_error,

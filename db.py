@@ -54,6 +54,7 @@ class Settings:
     access_token_ttl: int = 15 * 60
     refresh_token_ttl: int = 7 * 24 * 3600
     web_concurrency: int = 1
+    application_name: str = "users"
 
     @classmethod
     def from_environ(cls) -> Settings:
@@ -72,6 +73,7 @@ class Settings:
             access_token_ttl=config("ACCESS_TOKEN_TTL", cast=int, default=cls.access_token_ttl),
             refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
             web_concurrency=config("WEB_CONCURRENCY", cast=int, default=cls.web_concurrency),
+            application_name=config("DB_APPLICATION_NAME", default=cls.application_name),
         )
 
 
@@ -97,7 +99,12 @@ def make_engine(settings: Settings, *, pooled: bool = True) -> AsyncEngine:
         kwargs["poolclass"] = NullPool
     if url.get_backend_name() == "postgresql":
         # asyncpg waits 60 s to connect and forever for a statement unless told otherwise.
-        kwargs["connect_args"] = {"timeout": settings.connect_timeout, "command_timeout": settings.command_timeout}
+        kwargs["connect_args"] = {
+            "timeout": settings.connect_timeout,
+            "command_timeout": settings.command_timeout,
+            # So that pg_stat_activity tells the service's connections apart.
+            "server_settings": {"application_name": settings.application_name},
+        }
         return create_async_engine(url, **kwargs)
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)

@@ -21,8 +21,8 @@ from asgi_lifespan import LifespanManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import create_app  # noqa: E402
-from db import Settings, upgrade_schema  # noqa: E402
+from app import create_app
+from db import Settings, upgrade_schema
 
 CASES = {
     "wrong password": {"username": "alice", "password": "Wrong123!"},

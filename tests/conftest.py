@@ -29,6 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
+import chaos
 from app import create_app
 from db import Settings, async_url, make_engine, upgrade_schema
 
@@ -38,6 +39,17 @@ BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
 
 if not POSTGRES_URL and os.environ.get("CI") == "true":
     raise pytest.UsageError("TEST_DATABASE_URL is not set: in CI, PostgreSQL must be tested (use scripts/test).")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not chaos.SUMMARY:
+        return
+    columns = list(chaos.SUMMARY[0])
+    widths = [max(len(str(column)), *(len(str(row[column])) for row in chaos.SUMMARY)) for column in columns]
+    terminalreporter.section("the promise under faults")
+    terminalreporter.write_line("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in chaos.SUMMARY:
+        terminalreporter.write_line("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
 def pytest_report_header() -> str:
@@ -142,6 +154,9 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.backend = async_url(url).get_backend_name()
+
+    async def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+        return await self._run(sql, params)
 
     async def _run(self, sql: str, params: dict[str, Any] | None = None, *, write: bool = False) -> list[Any]:
         engine = make_engine(Settings(database_url=self.url), pooled=False)

@@ -1,0 +1,163 @@
+"""Bad input of every kind, on every route that takes a body or a query: a clear 4xx in the one
+error shape, and the database exactly as it was."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Database, signup_body
+
+pytestmark = pytest.mark.anyio
+
+SQL = "'; DROP TABLE users; --"
+VALID = {
+    "/api/users/signup": signup_body("newcomer"),
+    "/api/users/signin": {"username": "alice", "password": "Secret123!"},
+    "/api/users/me": {"address": "Seoul", "phone_number": "01012345678", "email": "alice2@example.com"},
+    "/api/users/me/password": {"old_password": "Secret123!", "new_password": "Better456?"},
+}
+METHOD = {"/api/users/signup": "POST", "/api/users/signin": "POST", "/api/users/me": "PATCH"}
+METHOD["/api/users/me/password"] = "PUT"
+
+# Bodies that are not JSON objects at all.
+NOT_OBJECTS = [
+    b"{",
+    b'{"username": }',
+    b"",
+    b"\xff\xfe{}",
+    b'{"username": "al\xc3\x28ce"}',
+    b"[]",
+    b'"x"',
+    b"1",
+    b"null",
+]
+# Values no field accepts (for `address` and `phone_number`, null is valid: it clears them).
+WRONG_TYPES: list[Any] = [1, 1.5, True, [], {}, ["x"]]
+# Strings past a limit, or with characters a field refuses, by field.
+BAD_STRINGS = {
+    "username": ["ab", "a" * 21, "al ice", "ali\u0000ce", "ali\nce", "émile", "\uff21lice", "me", SQL],
+    "password": ["Short1!", "Aa1!" * 5 + "x", "alllowercase", "Abcdefg\u00001", "Abcdefg\n1"],
+    "new_password": ["Short1!", "Aa1!" * 5 + "x", "12345678", "Abcdefg\u00071"],
+    "old_password": ["x" * 101],
+    "email": ["no-at-sign", "a@b", "alice@example.test", "al ice@example.com", "a\u0000@example.com", SQL],
+    "address": ["x" * 101, "line\nbreak", "tab\there", "bell\u0007"],
+    "phone_number": ["0101234567", "010123456789", "01112345678", "010-1234-5678", "\uff10\uff11\uff1012345678", SQL],
+}
+
+# Signin takes any strings up to 100 characters: one that breaks the signup rules is a wrong
+# credential (401, tested in test_accounts.py), not malformed input.
+SIGNIN_BAD_STRINGS = {"username": ["x" * 101], "password": ["x" * 101]}
+
+
+def bad_bodies(path: str) -> list[tuple[str, bytes]]:
+    """(what, body) pairs: every way this route's body can be wrong."""
+    valid = VALID[path]
+    cases = [(f"not an object: {raw[:20]!r}", raw) for raw in NOT_OBJECTS]
+    cases.append(("unknown field", json.dumps({**valid, "is_admin": True}).encode()))
+    if path != "/api/users/me":  # every PATCH field is optional
+        cases.append(("missing fields", b"{}"))
+    for name in valid:
+        cases += [(f"{name} = {value!r}", json.dumps({**valid, name: value}).encode()) for value in WRONG_TYPES]
+        if name not in ("address", "phone_number"):
+            cases.append((f"{name} = null", json.dumps({**valid, name: None}).encode()))
+        bad_strings = SIGNIN_BAD_STRINGS if path == "/api/users/signin" else BAD_STRINGS
+        cases += [(f"{name} = {value!r}", json.dumps({**valid, name: value}).encode()) for value in bad_strings[name]]
+    return cases
+
+
+CASES = [(path, what, body) for path in VALID for what, body in bad_bodies(path)]
+
+
+@pytest.fixture
+async def signed_in(client: httpx.AsyncClient) -> dict[str, str]:
+    assert (await client.post("/api/users/signup", json=signup_body("alice"))).status_code == 201
+    tokens = (await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})).json()
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+async def snapshot(db: Database) -> list[Any]:
+    users = await db.rows("SELECT id, username, email, password_hash, address, phone_number, token_version FROM users")
+    revoked = await db.rows("SELECT jti FROM revoked_tokens")
+    return sorted(map(tuple, users)) + sorted(map(tuple, revoked))
+
+
+def assert_error_shape(response: httpx.Response) -> None:
+    body = response.json()
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    assert set(body) <= {"detail", "errors"}
+    for error in body.get("errors", []):
+        assert set(error) == {"field", "message"}
+        assert error["message"]
+
+
+@pytest.mark.parametrize(("path", "what", "body"), CASES, ids=[f"{p} {w}" for p, w, _ in CASES])
+async def test_a_bad_body_is_a_clear_400_and_writes_nothing(
+    client: httpx.AsyncClient, db: Database, signed_in: dict[str, str], path: str, what: str, body: bytes
+) -> None:
+    before = await snapshot(db)
+    headers = {"content-type": "application/json", **signed_in}
+
+    response = await client.request(METHOD[path], path, content=body, headers=headers)
+
+    assert response.status_code == 400, what
+    assert_error_shape(response)
+    assert await snapshot(db) == before
+
+
+@pytest.mark.parametrize("path", list(VALID))
+@pytest.mark.parametrize(
+    ("content_type", "content", "status"),
+    [
+        (None, None, 415),
+        ("text/plain", None, 415),
+        ("application/x-www-form-urlencoded", b"username=alice&password=x", 415),
+        ("multipart/form-data; boundary=x", b"--x--", 415),
+        ("application/json", json.dumps({"padding": "x" * 70_000}).encode(), 413),
+    ],
+)
+async def test_a_wrong_content_type_or_an_oversized_body_writes_nothing(
+    client: httpx.AsyncClient,
+    db: Database,
+    signed_in: dict[str, str],
+    path: str,
+    content_type: str | None,
+    content: bytes | None,
+    status: int,
+) -> None:
+    before = await snapshot(db)
+    headers = dict(signed_in) | ({"content-type": content_type} if content_type else {})
+    body = content if content is not None else json.dumps(VALID[path]).encode()
+
+    response = await client.request(METHOD[path], path, content=body, headers=headers)
+
+    assert response.status_code == status
+    assert_error_shape(response)
+    assert await snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=1000000000000000000000",
+        "limit=-1",
+        "limit=1.5",
+        "limit=1e3",
+        "limit=%00",
+        "after=" + "%27%3B%20DROP%20TABLE%20users%3B%20--",
+        "after=%C3%A9mile",
+        "after=%FF",
+        "after=",
+        "after=a&limit=5",
+        "sort=username",
+    ],
+)
+async def test_a_bad_list_query_is_a_clear_400(client: httpx.AsyncClient, db: Database, query: str) -> None:
+    response = await client.get(f"/api/users?{query}")
+    assert response.status_code == 400
+    assert_error_shape(response)
+    assert response.json()["errors"]

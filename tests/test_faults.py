@@ -1,0 +1,333 @@
+"""The promise under faults, against a real uvicorn process and a real PostgreSQL:
+a 2xx means committed, a 4xx means nothing written, in-doubt cases are counted, nothing leaks.
+
+Each scenario drives concurrent clients while a fault is injected, then checks the database
+directly (tests/chaos.py: check_promise). Run alone with `scripts/test -m faults -s`; a summary
+table is printed at the end of every run that includes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from chaos import (
+    SUMMARY,
+    Cluster,
+    Outcome,
+    Service,
+    TcpProxy,
+    check_promise,
+    leaked_connections,
+    postgres_bindir,
+    sign_up,
+    sign_up_many,
+)
+from conftest import in_thread
+from db import upgrade_schema
+
+pytestmark = [pytest.mark.faults, pytest.mark.anyio]
+
+# Short bounds, so that every wait in these scenarios is visibly bounded.
+TIMEOUTS = {"DB_POOL_TIMEOUT": "2", "DB_CONNECT_TIMEOUT": "2", "DB_COMMAND_TIMEOUT": "3"}
+LONGEST_WAIT = 2 + 2 + 3  # a request can wait for the pool, a (re)connect and a statement, at most
+MARGIN = 1.5
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    bindir = postgres_bindir()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the fault suite needs PostgreSQL server binaries (PG_BINDIR)")
+        pytest.skip("no PostgreSQL server binaries: the fault suite needs a cluster it can restart")
+    cluster = Cluster(bindir)
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def database(cluster: Cluster) -> Iterator[str]:
+    name = f"faults_{uuid.uuid4().hex[:10]}"
+    in_thread(asyncio.run, cluster.sql(f"CREATE DATABASE {name}"))
+    in_thread(upgrade_schema, cluster.url(name))
+    yield name
+    with contextlib.suppress(Exception):
+        in_thread(asyncio.run, cluster.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    services: list[Service] = []
+
+    def start(database_url: str, **settings: str) -> Service:
+        service = Service(database_url, tmp_path / f"service{len(services)}.log", **{**TIMEOUTS, **settings})
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        service.stop()
+        log = service.log()
+        assert "non-checked-in connection" not in log, log[-3000:]
+        assert "was garbage collected" not in log, log[-3000:]
+
+
+def names(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i:04d}" for i in range(count)]
+
+
+async def keep_signing_up(url: str, prefix: str, stop: asyncio.Event, workers: int = 16) -> list[Outcome]:
+    """Unique signups from several clients until `stop` is set."""
+    outcomes: list[Outcome] = []
+
+    async def worker(w: int) -> None:
+        async with httpx.AsyncClient(base_url=url) as client:
+            i = 0
+            while not stop.is_set():
+                outcomes.append(await sign_up(client, f"{prefix}{w:02d}x{i:04d}", patience=LONGEST_WAIT + 10))
+                i += 1
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return outcomes
+
+
+def assert_promise_kept(verdict_violations: list[str], leaked: int) -> None:
+    assert verdict_violations == []
+    assert leaked == 0
+
+
+async def test_baseline_without_faults(cluster: Cluster, database: str, start_service: Callable[..., Service]) -> None:
+    service = start_service(cluster.url(database))
+    outcomes = await sign_up_many(service.url, names("base", 300), concurrency=32)
+
+    verdict = await check_promise("no fault", cluster, database, service.url, outcomes)
+
+    assert [o.status for o in outcomes] == [201] * 300
+    assert_promise_kept(verdict.violations, verdict.leaked)
+
+
+async def test_a_commit_refused_by_the_database_is_a_500_and_writes_nothing(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    # A deferred constraint trigger runs at COMMIT: the app has already produced its 201.
+    await cluster.sql(
+        """CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.username LIKE 'doomed%' THEN RAISE EXCEPTION 'refused at commit'; END IF;
+           RETURN NULL; END $$""",
+        database=database,
+    )
+    await cluster.sql(
+        """CREATE CONSTRAINT TRIGGER refuse_doomed AFTER INSERT ON users DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION refuse_doomed()""",
+        database=database,
+    )
+    service = start_service(cluster.url(database))
+
+    outcomes = await sign_up_many(service.url, [*names("doomed", 50), *names("fine", 50)], concurrency=16)
+
+    doomed = [o for o in outcomes if o.username.startswith("doomed")]
+    assert {o.status for o in doomed} == {500}
+    assert all(o.body == '{"detail":"Internal server error."}' for o in doomed)  # never the app's 201 body
+    assert {o.status for o in outcomes if o.username.startswith("fine")} == {201}
+    await cluster.sql("DROP TRIGGER refuse_doomed ON users", database=database)
+    verdict = await check_promise("commit refused", cluster, database, service.url, outcomes)
+    assert verdict.existing == {o.username for o in outcomes if o.username.startswith("fine")}
+    assert_promise_kept(verdict.violations, verdict.leaked)
+
+
+async def test_a_database_restart_answers_503_quickly_and_the_service_recovers_by_itself(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    service = start_service(cluster.url(database))
+    stop = asyncio.Event()
+    load = asyncio.create_task(keep_signing_up(service.url, "restart", stop))
+    await asyncio.sleep(1)
+
+    await asyncio.to_thread(cluster.stop, "immediate")
+    down_at = time.monotonic()
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        probes = []
+        while time.monotonic() - down_at < 3:
+            start = time.monotonic()
+            probes.append((await client.get("/readyz", timeout=30), time.monotonic() - start))
+        await asyncio.to_thread(cluster.start)
+        up_at = time.monotonic()
+        while (await client.get("/readyz", timeout=30)).status_code != 200:  # noqa: ASYNC110 (polls a server)
+            await asyncio.sleep(0.1)
+        recovered_after = time.monotonic() - up_at
+    await asyncio.sleep(1)
+    stop.set()
+    outcomes = await load
+
+    assert {response.status_code for response, _ in probes} == {503}
+    assert all(response.headers["retry-after"] for response, _ in probes)
+    assert max(seconds for _, seconds in probes) < LONGEST_WAIT + MARGIN
+    assert recovered_after < 5
+    assert {o.status for o in outcomes} <= {201, 503, 500, None}
+    assert all(o.headers.get("retry-after") for o in outcomes if o.status == 503)
+    assert max(o.seconds for o in outcomes) < LONGEST_WAIT + MARGIN
+    verdict = await check_promise("database restart", cluster, database, service.url, outcomes)
+    assert 201 in {o.status for o in outcomes[-50:]}  # served again after the restart
+    assert_promise_kept(verdict.violations, verdict.leaked)
+
+
+async def test_terminated_backends_give_503_or_success_never_a_hang(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    service = start_service(cluster.url(database))
+    stop = asyncio.Event()
+    load = asyncio.create_task(keep_signing_up(service.url, "killed", stop))
+    for _ in range(10):
+        await asyncio.sleep(0.3)
+        await cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'users'")
+    await asyncio.sleep(1)
+    stop.set()
+    outcomes = await load
+
+    assert {o.status for o in outcomes} <= {201, 503, 500, None}
+    assert max(o.seconds for o in outcomes) < LONGEST_WAIT + MARGIN
+    verdict = await check_promise("backends terminated", cluster, database, service.url, outcomes)
+    assert_promise_kept(verdict.violations, verdict.leaked)
+
+
+@pytest.fixture
+def proxy(cluster: Cluster) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(cluster.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "reset", "delay"])
+async def test_a_stalled_or_broken_network_is_bounded_and_holds_no_pool_slot(
+    cluster: Cluster, database: str, proxy: TcpProxy, start_service: Callable[..., Service], fault: str
+) -> None:
+    service = start_service(cluster.url(database, port=proxy.port))
+    stop = asyncio.Event()
+    load = asyncio.create_task(keep_signing_up(service.url, f"net{fault}", stop))
+    await asyncio.sleep(1)
+    if fault == "blackhole":
+        proxy.blackhole = True
+        await asyncio.sleep(3)
+        proxy.blackhole = False
+    elif fault == "reset":
+        for _ in range(5):
+            proxy.reset()
+            await asyncio.sleep(0.5)
+    else:
+        proxy.delay = 0.2
+        await asyncio.sleep(3)
+        proxy.delay = 0
+    await asyncio.sleep(2)
+    stop.set()
+    outcomes = await load
+
+    assert max(o.seconds for o in outcomes) < LONGEST_WAIT + MARGIN
+    assert {o.status for o in outcomes} <= {201, 503, 500, None}
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        late = await sign_up(client, f"net{fault}late")
+        assert late.status == 201
+    # A slow link can exhaust the pool: that is a 503 to retry, never a 500 or a hang.
+    assert all(o.headers.get("retry-after") for o in outcomes if o.status == 503)
+    verdict = await check_promise(f"network {fault}", cluster, database, service.url, outcomes)
+    assert_promise_kept(verdict.violations, verdict.leaked)
+
+
+async def test_an_exhausted_pool_answers_503_after_the_pool_timeout_never_500(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    service = start_service(
+        cluster.url(database), DB_POOL_SIZE="2", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="1", DB_COMMAND_TIMEOUT="10"
+    )
+    # Slow requests: an outside transaction locks the table, so the two pooled connections wait on it.
+    blocker = await asyncpg.connect(cluster.url(database))
+    await blocker.execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+
+    async def lookup(client: httpx.AsyncClient) -> tuple[int, float, str]:
+        start = time.monotonic()
+        response = await client.get("/api/users/alice", timeout=30)
+        return response.status_code, time.monotonic() - start, response.headers.get("retry-after", "")
+
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(base_url=service.url, limits=limits) as client:
+        release = asyncio.get_running_loop().call_later(3, lambda: asyncio.ensure_future(blocker.execute("COMMIT")))
+        results = await asyncio.gather(*(lookup(client) for _ in range(200)))
+        release.cancel()
+        after = await asyncio.gather(*(lookup(client) for _ in range(50)))
+    await blocker.close()
+
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {404, 503}
+    assert statuses.count(404) >= 2  # the two that held the connections, once the lock went
+    timed_out = [(seconds, retry) for status, seconds, retry in results if status == 503]
+    assert len(timed_out) >= 150
+    assert all(retry for _, retry in timed_out)
+    assert all(0.9 < seconds < 1 + MARGIN for seconds, _ in timed_out)
+    assert {status for status, _, _ in after} == {404}  # full service afterwards
+    leaked = await leaked_connections(cluster)
+    SUMMARY.append(
+        {"scenario": "pool exhausted", "requests": 250, "2xx": 0, "4xx": statuses.count(404) + 50,
+         "5xx": len(timed_out), "no answer": 0, "in doubt": 0, "invariant": "holds", "leaked": leaked}
+    )  # fmt: skip
+    assert leaked == 0
+
+
+async def test_clients_that_disconnect_leave_nothing_checked_out(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    service = start_service(cluster.url(database))
+    outcomes: list[Outcome] = []
+
+    async def hang_up(i: int) -> None:
+        username = f"gone{i:04d}"
+        body = f'{{"username": "{username}", "password": "Secret123!", "email": "{username}@example.com"}}'.encode()
+        head = (
+            f"POST /api/users/signup HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        if i % 3 == 0:
+            writer.write(head + body[: len(body) // 2])  # gone in the middle of the body
+        else:
+            writer.write(head + body)  # gone while the request runs on
+            outcomes.append(Outcome(username, None, 0))
+        await writer.drain()
+        await asyncio.sleep((i % 7) * 0.005)
+        writer.transport.abort()
+
+    for batch in range(10):
+        await asyncio.gather(*(hang_up(batch * 30 + i) for i in range(30)))
+
+    verdict = await check_promise("clients disconnect", cluster, database, service.url, outcomes)
+    rows = await cluster.sql(
+        "SELECT state, count(*) AS n FROM pg_stat_activity WHERE application_name = 'users' GROUP BY state"
+    )
+    assert {row["state"] for row in rows} <= {"idle"}
+    assert_promise_kept(verdict.violations, verdict.leaked)
+
+
+async def test_fifty_racing_signups_of_one_username_give_one_201(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    service = start_service(cluster.url(database))
+    async with httpx.AsyncClient(base_url=service.url, limits=httpx.Limits(max_connections=50)) as client:
+        outcomes = await asyncio.gather(*(sign_up(client, "contested") for _ in range(50)))
+
+    assert sorted(o.status or 0 for o in outcomes) == [201] + [409] * 49
+    rows = await cluster.sql("SELECT count(*) AS n FROM users", database=database)
+    assert rows[0]["n"] == 1
+    SUMMARY.append(
+        {"scenario": "duplicate race", "requests": 50, "2xx": 1, "4xx": 49, "5xx": 0, "no answer": 0,
+         "in doubt": 0, "invariant": "holds", "leaked": await leaked_connections(cluster)}
+    )  # fmt: skip
