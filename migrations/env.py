@@ -7,6 +7,7 @@ from dataclasses import replace
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from db import Base, Settings, make_engine
@@ -19,10 +20,18 @@ settings = Settings.from_environ()
 settings = replace(settings, database_url=config.attributes.get("database_url") or settings.database_url)
 
 
+# Any fixed number: the key of the advisory lock that migrating processes take turns on.
+MIGRATION_LOCK = 0x75736572
+
+
 def run_migrations(connection: Connection) -> None:
     # render_as_batch: SQLite can only ALTER a table by copying it; batch mode does that.
     context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together migrate one at a time; the next one finds nothing to do.
+            # (A transaction-level lock: behind PgBouncer in transaction mode it still works.)
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
