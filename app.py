@@ -145,7 +145,7 @@ async def me(request: Request) -> Response:
 
 
 async def get_user(request: Request) -> Response:
-    user = await UserStore(request.state.session).get_by_username(request.path_params["username"])
+    user = await UserStore(request.state.session).public_by_username(request.path_params["username"])
     if user is None:
         raise HTTPException(404, "User not found")
     return model_response(PublicProfile.model_validate(user))

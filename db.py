@@ -42,11 +42,14 @@ class Settings:
     """Everything the service reads from the environment, with its defaults."""
 
     database_url: str = "sqlite+aiosqlite:///./users.db"
-    pool_size: int = 5
-    max_overflow: int = 10
+    # Measured by scripts/bench (README, Performance): overflow connections are opened and
+    # closed again under steady load, and pre-ping costs three round trips per checkout on
+    # asyncpg (BEGIN, ping, ROLLBACK); a dead connection is caught by the 503 mapping instead.
+    pool_size: int = 10
+    max_overflow: int = 0
     pool_timeout: float = 5.0
     pool_recycle: int = 28000
-    pool_pre_ping: bool = True
+    pool_pre_ping: bool = False
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
     max_body_bytes: int = 65536
@@ -131,9 +134,18 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 def make_sessionmaker(engine: AsyncEngine, *, writes: bool = False) -> async_sessionmaker[AsyncSession]:
-    """Sessions for requests that only read, or (writes=True) for requests that may write: on
-    SQLite those begin with BEGIN IMMEDIATE; elsewhere the two are the same."""
-    bind = engine.execution_options(sqlite_begin="IMMEDIATE") if writes else engine
+    """Sessions for requests that may write, or (writes=False) for GET and HEAD, which only read.
+
+    On SQLite a writing request begins with BEGIN IMMEDIATE (see _configure_sqlite). On
+    PostgreSQL a reading request runs in autocommit: under READ COMMITTED every statement has its
+    own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips.
+    """
+    if writes:
+        bind = engine.execution_options(sqlite_begin="IMMEDIATE")
+    elif engine.dialect.name == "postgresql":
+        bind = engine.execution_options(isolation_level="AUTOCOMMIT")
+    else:
+        bind = engine
     return async_sessionmaker(bind, expire_on_commit=False)
 
 
@@ -267,9 +279,14 @@ class DBSessionMiddleware:
             await self.close(session)
 
     async def close(self, session: AsyncSession) -> None:
-        # close() rolls back whatever was not committed and returns the connection to the pool.
-        # Shielded, because a cancelled request must still give its connection back; bounded,
-        # because a dead socket must not hold a pool slot forever.
+        if not session.in_transaction():
+            # Committed, rolled back or never used: the connection is back in the pool already,
+            # so close() does no I/O and there is nothing to shield.
+            await session.close()
+            return
+        # The request failed or was cancelled mid-transaction: close() rolls back and returns the
+        # connection. Shielded, because a cancelled request must still give its connection back;
+        # bounded, because a dead socket must not hold a pool slot forever.
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.close_timeout) as bound:
                 await session.close()

@@ -6,10 +6,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Row, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db import RevokedToken, User
+
+# Built once: the hot lookups skip constructing (and cache-keying) a statement per request.
+BY_USERNAME = select(User).where(User.username == bindparam("username"))
+# Public profiles need three columns, not whole ORM objects: a Core select on the table loads
+# plain rows and skips the ORM's compile and loading steps.
+users = User.__table__
+PUBLIC = select(users.c.id, users.c.username, users.c.created_at)
+PUBLIC_BY_USERNAME = PUBLIC.where(users.c.username == bindparam("username"))
 
 
 class UserStore:
@@ -20,7 +28,10 @@ class UserStore:
         return await self.session.get(User, user_id)
 
     async def get_by_username(self, username: str) -> User | None:
-        return await self.session.scalar(select(User).where(User.username == username))
+        return await self.session.scalar(BY_USERNAME, {"username": username})
+
+    async def public_by_username(self, username: str) -> Row[int, str, datetime] | None:
+        return (await self.session.execute(PUBLIC_BY_USERNAME, {"username": username})).first()
 
     async def create(self, *, username: str, email: str, password_hash: str) -> User:
         """Insert now, so a duplicate raises IntegrityError here; the savepoint keeps the
@@ -40,12 +51,12 @@ class UserStore:
         await self.session.delete(user)
         await self.session.flush()
 
-    async def list_page(self, *, after: str | None, limit: int) -> Sequence[User]:
-        """Keyset pagination: the users whose username sorts after `after`."""
-        query = select(User).order_by(User.username).limit(limit)
+    async def list_page(self, *, after: str | None, limit: int) -> Sequence[Row[int, str, datetime]]:
+        """Keyset pagination: public profiles of the users whose username sorts after `after`."""
+        query = PUBLIC.order_by(users.c.username).limit(limit)
         if after is not None:
-            query = query.where(User.username > after)
-        return (await self.session.scalars(query)).all()
+            query = query.where(users.c.username > after)
+        return (await self.session.execute(query)).all()
 
 
 class RevokedTokenStore:

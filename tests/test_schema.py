@@ -93,11 +93,16 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("DATABASE_URL", "DB_POOL_SIZE", "DB_POOL_RECYCLE", "DB_POOL_PRE_PING", "MAX_BODY_BYTES"):
+    for name in ("DATABASE_URL", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_RECYCLE", "DB_POOL_PRE_PING"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings.from_environ()
     assert settings.database_url == "sqlite+aiosqlite:///./users.db"
-    assert (settings.pool_recycle, settings.pool_pre_ping) == (28000, True)
+    assert (settings.pool_size, settings.max_overflow, settings.pool_recycle, settings.pool_pre_ping) == (
+        10,
+        0,
+        28000,
+        False,
+    )
 
 
 async def test_the_engine_applies_the_pool_settings(database_url: str) -> None:

@@ -1,0 +1,70 @@
+"""The limit: the same lookups with a raw asyncpg pool; no ORM, no session, no validation library.
+
+Bench only. Same routes, same JSON, same JWT check and Argon2id parameters as the service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import asyncpg
+import jwt
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from auth import hasher
+
+PUBLIC = "SELECT id, username, created_at FROM users"
+URL = os.environ["DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
+
+
+def answer(row: Any, status: int = 200) -> Response:
+    if row is None:
+        return Response('{"detail":"User not found"}', 404, media_type="application/json")
+    body = {**dict(row), "created_at": row["created_at"].isoformat()}
+    return Response(json.dumps(body), status, media_type="application/json")
+
+
+async def get_user(request: Request) -> Response:
+    return answer(await request.state.pool.fetchrow(f"{PUBLIC} WHERE username = $1", request.path_params["name"]))
+
+
+async def me(request: Request) -> Response:
+    token = request.headers["authorization"].removeprefix("Bearer ")
+    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"])
+    return answer(await request.state.pool.fetchrow(f"{PUBLIC} WHERE id = $1", int(claims["sub"])))
+
+
+async def list_users(request: Request) -> Response:
+    after, limit = request.query_params.get("after", ""), int(request.query_params.get("limit", 20))
+    rows = await request.state.pool.fetch(f"{PUBLIC} WHERE username > $1 ORDER BY username LIMIT $2", after, limit)
+    items = [{**dict(r), "created_at": r["created_at"].isoformat()} for r in rows]
+    return Response(json.dumps({"items": items, "next": items[-1]["username"] if items else None}))
+
+
+async def signup(request: Request) -> Response:
+    data = await request.json()
+    password_hash = await anyio.to_thread.run_sync(hasher.hash, data["password"], limiter=request.state.limiter)
+    insert = "INSERT INTO users (username, email, password_hash, created_at) VALUES ($1, $2, $3, now())"
+    row = await request.state.pool.fetchrow(f"{insert} RETURNING id, username, created_at", data["username"],
+                                            data["email"], password_hash)  # fmt: skip
+    return answer(row, 201)
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async with asyncpg.create_pool(URL, min_size=5, max_size=15) as pool:
+        yield {"pool": pool, "limiter": anyio.CapacityLimiter(os.cpu_count() or 1)}
+
+
+routes = [Route("/api/users/signup", signup, methods=["POST"]), Route("/api/users/me", me),
+          Route("/api/users", list_users), Route("/api/users/{name}", get_user)]  # fmt: skip
+app = Starlette(routes=routes, lifespan=lifespan)

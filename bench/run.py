@@ -1,0 +1,397 @@
+"""The benchmark harness (run by scripts/bench, which starts PostgreSQL and sets TEST_DATABASE_URL).
+
+Each app runs in its own single-worker uvicorn (uvloop, httptools, no access log) and is loaded
+with wrk from this machine, in alternating order over several rounds:
+
+    service   app:create_app, the service itself, with the defaults the README documents
+    limit     bench/limit_app.py: the same lookups on a raw asyncpg pool (no ORM, no session)
+    fastapi   bench/fastapi_app.py: the textbook FastAPI session dependency and a UserStore
+
+It prints a table of medians and ratios against the limit of the same round and writes it to
+bench/results.md (or bench/out/ with --smoke, the 20-second run CI does so that this cannot rot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from auth import Tokens, hasher  # noqa: E402
+from db import upgrade_schema  # noqa: E402
+
+SECRET = "bench-secret-" + "b" * 40
+APPS = {
+    "service": ["app:create_app", "--factory"],
+    "limit": ["limit_app:app", "--app-dir", "bench"],
+    "fastapi": ["fastapi_app:app", "--app-dir", "bench"],
+}
+WRK_DONE = """
+done = function(summary, latency, requests)
+  io.write(string.format('{"requests": %d, "seconds": %f, "p50": %d, "p99": %d, "max": %d, ' ..
+    '"non2xx": %d, "socket_errors": %d}\\n', summary.requests, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(99), latency.max, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def lua(request: str, users: int, prefix: str = "") -> str:
+    """A wrk script: `request` builds one request; thread-local counters keep signups unique."""
+    return (
+        f"""
+local counter, threads = 0, 0
+setup = function(thread) threads = threads + 1; thread:set("tid", threads) end
+init = function(args) math.randomseed(os.time() * 100 + tid) end
+local function name(i) return string.format("user%07d", i) end
+request = function()
+  counter = counter + 1
+  local users, prefix = {users}, "{prefix}"
+  {request}
+end
+"""
+        + WRK_DONE
+    )
+
+
+SCENARIOS = {
+    "lookup": 'return wrk.format("GET", "/api/users/" .. name(math.random(1, users)))',
+    "me": 'return wrk.format("GET", "/api/users/me")',
+    "list": 'return wrk.format("GET", "/api/users?limit=50&after=" .. name(math.random(1, users - 60)))',
+    "signup": (
+        'local u = string.format("%s%02d%07d", prefix, tid, counter)\n'
+        '  return wrk.format("POST", "/api/users/signup", {["Content-Type"] = "application/json"},'
+        ' string.format(\'{"username": "%s", "password": "Secret123!", "email": "%s@example.com"}\', u, u))'
+    ),
+}
+
+
+@dataclass
+class Run:
+    app: str
+    scenario: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    non2xx: int
+    socket_errors: int
+    cpu_ms_per_request: float
+    pg_connections_during: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class App:
+    def __init__(self, name: str, database_url: str, env: dict[str, str]) -> None:
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "uvicorn", *APPS[name], "--port", str(self.port), "--workers", "1"]
+        command += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+        full_env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": SECRET, **env}
+        self.process = subprocess.Popen(command, cwd=PROJECT, env=full_env)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{self.url}/api/users/user0000001", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(20)
+
+
+class Postgres:
+    def __init__(self, admin_url: str, database: str) -> None:
+        self.admin_url = admin_url.replace("postgresql+asyncpg://", "postgresql://")
+        self.url = self.admin_url.rsplit("/", 1)[0] + f"/{database}"
+        self.database = database
+
+    def sql(self, query: str, *args: Any, admin: bool = False) -> list[Any]:
+        async def run() -> list[Any]:
+            connection = await asyncpg.connect(self.admin_url if admin else self.url)
+            try:
+                return list(await connection.fetch(query, *args))
+            finally:
+                await connection.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
+
+    def connections(self) -> dict[str, int]:
+        rows = self.sql(
+            "SELECT coalesce(state, '?') AS state, count(*) AS n FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid() GROUP BY state",
+            self.database,
+        )
+        return {row["state"]: row["n"] for row in rows}
+
+    def seed(self, users: int) -> None:
+        """Users user0000001... with one precomputed hash, through the service's own schema."""
+        have = self.sql("SELECT count(*) AS n FROM users")[0]["n"]
+        if have >= users:
+            return
+        self.sql(
+            "INSERT INTO users (username, email, password_hash, created_at) "
+            "SELECT format('user%s', lpad(i::text, 7, '0')), format('user%s@example.com', i), $1, now() "
+            "FROM generate_series($2::int, $3::int) AS i",
+            hasher.hash("Secret123!"),
+            have + 1,
+            users,
+        )
+        self.sql("VACUUM ANALYZE users")
+
+
+def wrk(url: str, script: str, connections: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as file:
+        file.write(script)
+    duration = f"{max(1, round(seconds))}s"
+    command = ["wrk", "-t", "2", "-c", str(connections), "-d", duration, "--timeout", "10s", "-s", file.name]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    os.unlink(file.name)
+    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def measure(app: App, db: Postgres, scenario: str, connections: int, seconds: float, users: int, prefix: str) -> Run:
+    token = Tokens(SECRET, 3600, 3600).issue(1, 0)["access_token"]
+    headers = {"Authorization": f"Bearer {token}"} if scenario == "me" else {}
+    samples: list[int] = []
+
+    def sample() -> None:  # PostgreSQL connections in the middle of the run
+        time.sleep(seconds / 2)
+        samples.append(sum(db.connections().values()))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    cpu_before = cpu_seconds(app.process.pid)
+    result = wrk(app.url, lua(SCENARIOS[scenario], users, prefix), connections, seconds, headers)
+    cpu = cpu_seconds(app.process.pid) - cpu_before
+    sampler.join()
+    return Run(
+        app.name, scenario, connections, result["requests"] / result["seconds"], result["p50"] / 1000,
+        result["p99"] / 1000, result["max"] / 1000, result["non2xx"], result["socket_errors"],
+        cpu * 1000 / max(result["requests"], 1), samples[0],
+    )  # fmt: skip
+
+
+def read_after_write(app: App, prefix: str, pairs: int) -> int:
+    """POST a signup, then at once GET it on the same connection: how often is it not there yet?"""
+    misses = 0
+    with httpx.Client(base_url=app.url, limits=httpx.Limits(max_connections=1)) as client:
+        for i in range(pairs):
+            name = f"{prefix}raw{i:05d}"
+            body = {"username": name, "password": "Secret123!", "email": f"{name}@example.com"}
+            assert client.post("/api/users/signup", json=body).status_code == 201
+            misses += client.get(f"/api/users/{name}").status_code == 404
+    return misses
+
+
+def bare_hash_rate(seconds: float) -> float:
+    """Argon2id hashes/s with the service's parameters, one thread per CPU, nothing else running."""
+    stop = time.monotonic() + seconds
+    counts: list[int] = []
+
+    def work() -> None:
+        n = 0
+        while time.monotonic() < stop:
+            hasher.hash("Secret123!")
+            n += 1
+        counts.append(n)
+
+    threads = [threading.Thread(target=work) for _ in range(os.cpu_count() or 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--scale-users", type=int, default=1_000_000)
+    parser.add_argument("--smoke", action="store_true", help="a 20-second check that the harness works")
+    parser.add_argument("--apps", default="service,limit,fastapi")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.seconds, args.users = 1, 1, 2000
+    service_env = dict(item.split("=", 1) for item in args.env)
+
+    admin = os.environ["TEST_DATABASE_URL"]
+    db = Postgres(admin, "bench")
+    db.sql("DROP DATABASE IF EXISTS bench WITH (FORCE)", admin=True)
+    db.sql("CREATE DATABASE bench", admin=True)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(upgrade_schema, db.url).result()
+    db.seed(args.users)
+
+    plan = [("lookup", 32), ("lookup", 256), ("me", 32), ("me", 256), ("list", 32), ("list", 256), ("signup", 32)]
+    if args.smoke:
+        plan = [("lookup", 32), ("me", 32), ("list", 32), ("signup", 32)]
+    apps = args.apps.split(",")
+    runs: list[list[Run]] = []
+    notes: dict[str, Any] = {"rss": {}, "after": {}, "read_after_write": {}}
+    for round_ in range(args.rounds):
+        order = apps if round_ % 2 == 0 else apps[::-1]  # alternate, so no app always runs first
+        for name in order:
+            app = App(name, db.url, service_env if name == "service" else {})
+            try:
+                for scenario, connections in plan:
+                    prefix = f"r{round_}{name[0]}{connections % 100}"
+                    run = measure(app, db, scenario, connections, args.seconds, args.users, prefix)
+                    if scenario == "list":
+                        notes["rss"].setdefault((name, "read"), []).append(peak_rss_mb(app.process.pid))
+                    runs.append([run])
+                    print(f"round {round_ + 1} {name:8} {scenario:7} c={connections:<4} {run.rps:8.0f} req/s  "
+                          f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:7.2f} ms  non-2xx {run.non2xx}  "
+                          f"errors {run.socket_errors}", flush=True)  # fmt: skip
+                notes["rss"].setdefault((name, "signup"), []).append(peak_rss_mb(app.process.pid))
+                notes["read_after_write"].setdefault(name, []).append(
+                    read_after_write(app, f"w{round_}{name[0]}", 30 if args.smoke else 300)
+                )
+                time.sleep(1)
+                notes["after"].setdefault(name, []).append(db.connections())
+            finally:
+                app.stop()
+    hash_rate = bare_hash_rate(2 if args.smoke else 5)
+
+    scale: dict[str, float] = {}
+    if not args.smoke and "service" in apps:
+        scale = scale_checks(db, args, service_env)
+
+    report = render(runs, notes, hash_rate, scale, args)
+    print(report)
+    out = PROJECT / "bench" / ("out/smoke.md" if args.smoke else "results.md")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(report)
+    print(f"written to {out.relative_to(PROJECT)}")
+
+
+def scale_checks(db: Postgres, args: argparse.Namespace, service_env: dict[str, str]) -> dict[str, float]:
+    """Lookup p50 at 10,000 vs 1,000,000 users; the first list page vs one deep in the list."""
+    results: dict[str, float] = {}
+    for users in (args.users, args.scale_users):
+        db.seed(users)
+        app = App("service", db.url, service_env)
+        try:
+            # Names from the whole table: a lookup at 1M touches index pages a lookup at 10k never does.
+            results[f"lookup p50 ms @ {users}"] = measure(app, db, "lookup", 32, args.seconds, users, "s").p50_ms
+            if users == args.scale_users:
+                first = 'return wrk.format("GET", "/api/users?limit=50")'
+                deep = f'return wrk.format("GET", "/api/users?limit=50&after=" .. name({users - 100}))'
+                for label, request in (("first page", first), ("deep page", deep)):
+                    result = wrk(app.url, lua(request, users), 32, args.seconds, {})
+                    results[f"list p50 ms, {label} @ {users}"] = result["p50"] / 1000
+        finally:
+            app.stop()
+    return results
+
+
+def render(
+    runs: list[list[Run]], notes: dict[str, Any], hash_rate: float, scale: dict[str, float], args: argparse.Namespace
+) -> str:
+    flat = [run for group in runs for run in group]
+    keys = sorted({(r.scenario, r.connections) for r in flat}, key=lambda k: (list(SCENARIOS).index(k[0]), k[1]))
+    apps = list(dict.fromkeys(r.app for r in flat))
+
+    def median(app: str, key: tuple[str, int], attribute: str) -> float:
+        values = [getattr(r, attribute) for r in flat if r.app == app and (r.scenario, r.connections) == key]
+        return statistics.median(values) if values else float("nan")
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`scripts/bench` on {os.cpu_count()} CPUs: PostgreSQL 15 on loopback, one uvicorn worker per app "
+        f"(uvloop, httptools, no access log), wrk with 2 threads, {args.seconds:g} s per run, "
+        f"{args.rounds} rounds in alternating order, {args.users:,} seeded users. Medians of the rounds; "
+        "`× limit` is requests/s against the raw-asyncpg app measured in the same rounds.",
+        "",
+        "| scenario | conns | app | req/s | × limit | p50 ms | p99 ms | max ms | non-2xx | socket errors "
+        "| CPU ms/req | PG conns during |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        limit = median("limit", key, "rps") if "limit" in apps else float("nan")
+        for app in apps:
+            rps = median(app, key, "rps")
+            lines.append(
+                f"| {key[0]} | {key[1]} | {app} | {rps:,.0f} | {rps / limit:.2f} | {median(app, key, 'p50_ms'):.2f} "
+                f"| {median(app, key, 'p99_ms'):.2f} | {median(app, key, 'max_ms'):.1f} "
+                f"| {median(app, key, 'non2xx'):.0f} | {median(app, key, 'socket_errors'):.0f} "
+                f"| {median(app, key, 'cpu_ms_per_request'):.2f} | {median(app, key, 'pg_connections_during'):.0f} |"
+            )
+    lines += ["", "| app | peak RSS MB, reads | peak RSS MB, after signups | read-after-write misses "
+              "| PG connections after the load |", "|---|---|---|---|---|"]  # fmt: skip
+    for app in apps:
+        rss_read = max(notes["rss"].get((app, "read"), [0]))
+        rss_signup = max(notes["rss"].get((app, "signup"), [0]))
+        misses = notes["read_after_write"].get(app, [])
+        pairs = 30 if args.smoke else 300
+        after = notes["after"].get(app, [{}])[-1]
+        lines.append(
+            f"| {app} | {rss_read:.0f} | {rss_signup:.0f} | {sum(misses)} of {pairs * len(misses)} "
+            f"| {', '.join(f'{n} {state}' for state, n in sorted(after.items())) or 'none'} |"
+        )
+    signup = median("service", ("signup", 32), "rps") if "service" in apps else float("nan")
+    lines += [
+        "",
+        f"Bare Argon2id rate with the service's parameters (m=19 MiB, t=2, p=1), one thread per CPU: "
+        f"{hash_rate:.1f} hashes/s. Service signups: {signup:.1f}/s = **{signup / hash_rate:.2f}×** the bare rate.",
+    ]
+    if scale:
+        lines += ["", "| scale check | p50 ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in scale.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
