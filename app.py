@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -21,7 +20,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from auth import Tokens, authenticate, hash_limiter, hash_password, hasher, revoke, verify_password
+from auth import (
+    Tokens,
+    authenticate,
+    hash_limiter,
+    hash_password,
+    hasher,
+    revoke,
+    token_secret,
+    verify_password,
+)
 from db import DBSessionMiddleware, Settings, is_unavailable, make_engine, make_sessionmaker
 from openapi import openapi_document
 from schemas import (
@@ -52,7 +60,8 @@ async def read_json_body(request: Request) -> bytes:
         raise HTTPException(415, "Content-Type must be application/json.")
     limit: int = request.state.max_body_bytes
     too_large = HTTPException(413, f"Request body is larger than {limit} bytes.")
-    if int(request.headers.get("content-length") or 0) > limit:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -258,7 +267,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield {
                 "engine": engine,
-                "sessionmaker": make_sessionmaker(engine),
+                "sessionmaker": make_sessionmaker(engine, autocommit_reads=not settings.pgbouncer),
                 "write_sessionmaker": make_sessionmaker(engine, writes=True),
                 "hash_limiter": hash_limiter(),
                 "tokens": tokens,
@@ -285,21 +294,3 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
-
-
-def token_secret(settings: Settings) -> str:
-    if settings.secret_key:
-        if len(settings.secret_key.encode()) < 32:
-            raise RuntimeError("SECRET_KEY must be at least 32 bytes long (RFC 7518 asks as much for HS256).")
-        return settings.secret_key
-    if settings.web_concurrency > 1:
-        raise RuntimeError(
-            "SECRET_KEY is not set and WEB_CONCURRENCY > 1: each worker would sign tokens with its own "
-            "random key and refuse the others'. Set SECRET_KEY (for example: python -c "
-            "'import secrets; print(secrets.token_urlsafe(32))')."
-        )
-    logger.warning(
-        "SECRET_KEY is not set: using a random key for this process. Tokens will not survive a restart "
-        "and are not valid in other processes. Set SECRET_KEY in production."
-    )
-    return secrets.token_urlsafe(32)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,8 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from db import User
+from db import Settings, User
 from stores import RevokedTokenStore, UserStore
+
+logger = logging.getLogger("users")
 
 # OWASP's Argon2id baseline (19 MiB, 2 passes, 1 lane). argon2-cffi's default takes 64 MiB a hash.
 hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
@@ -142,3 +146,22 @@ async def revoke(request: Request, claims: Claims) -> None:
         await revoked.revoke(claims.jti, claims.expires_at)
     except IntegrityError:  # the same token, used twice at once: only one use wins
         raise unauthorized("Token has been revoked") from None
+
+
+def token_secret(settings: Settings) -> str:
+    """SECRET_KEY, or a random key for a single process (with a warning), or a refusal to start."""
+    if settings.secret_key:
+        if len(settings.secret_key.encode()) < 32:
+            raise RuntimeError("SECRET_KEY must be at least 32 bytes long (RFC 7518 asks as much for HS256).")
+        return settings.secret_key
+    if settings.web_concurrency > 1:
+        raise RuntimeError(
+            "SECRET_KEY is not set and WEB_CONCURRENCY > 1: each worker would sign tokens with its own "
+            "random key and refuse the others'. Set SECRET_KEY (for example: python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')."
+        )
+    logger.warning(
+        "SECRET_KEY is not set: using a random key for this process. Tokens will not survive a restart "
+        "and are not valid in other processes. Set SECRET_KEY in production."
+    )
+    return secrets.token_urlsafe(32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,7 @@ class Settings:
     refresh_token_ttl: int = 7 * 24 * 3600
     web_concurrency: int = 1
     application_name: str = "users"
+    pgbouncer: bool = False
 
     @classmethod
     def from_environ(cls) -> Settings:
@@ -77,6 +79,7 @@ class Settings:
             refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
             web_concurrency=config("WEB_CONCURRENCY", cast=int, default=cls.web_concurrency),
             application_name=config("DB_APPLICATION_NAME", default=cls.application_name),
+            pgbouncer=config("DB_PGBOUNCER", cast=bool, default=cls.pgbouncer),
         )
 
 
@@ -91,7 +94,7 @@ def make_engine(settings: Settings, *, pooled: bool = True) -> AsyncEngine:
     """One engine per process: it owns the connection pool."""
     url = async_url(settings.database_url)
     kwargs: dict[str, Any] = {"pool_pre_ping": settings.pool_pre_ping}
-    if pooled:
+    if pooled and not settings.pgbouncer:
         kwargs.update(
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
@@ -108,6 +111,15 @@ def make_engine(settings: Settings, *, pooled: bool = True) -> AsyncEngine:
             # So that pg_stat_activity tells the service's connections apart.
             "server_settings": {"application_name": settings.application_name},
         }
+        if settings.pgbouncer:
+            # PgBouncer in transaction mode gives each transaction whichever server connection is
+            # free (and NullPool above leaves the pooling to it): no prepared statement may be
+            # cached past its transaction, and no two may share a name.
+            kwargs["connect_args"] |= {
+                "statement_cache_size": 0,
+                "prepared_statement_cache_size": 0,
+                "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
+            }
         return create_async_engine(url, **kwargs)
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)
@@ -133,16 +145,20 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
 
-def make_sessionmaker(engine: AsyncEngine, *, writes: bool = False) -> async_sessionmaker[AsyncSession]:
+def make_sessionmaker(
+    engine: AsyncEngine, *, writes: bool = False, autocommit_reads: bool = True
+) -> async_sessionmaker[AsyncSession]:
     """Sessions for requests that may write, or (writes=False) for GET and HEAD, which only read.
 
     On SQLite a writing request begins with BEGIN IMMEDIATE (see _configure_sqlite). On
     PostgreSQL a reading request runs in autocommit: under READ COMMITTED every statement has its
-    own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips.
+    own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips. Not
+    behind PgBouncer in transaction mode (autocommit_reads=False): there asyncpg's prepare and
+    execute must stay inside one transaction, or they may reach two different servers.
     """
     if writes:
         bind = engine.execution_options(sqlite_begin="IMMEDIATE")
-    elif engine.dialect.name == "postgresql":
+    elif engine.dialect.name == "postgresql" and autocommit_reads:
         bind = engine.execution_options(isolation_level="AUTOCOMMIT")
     else:
         bind = engine

@@ -109,23 +109,35 @@ def free_port() -> int:
         return port
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children (uvicorn's workers, when there are several)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(child) for child in children.read_text().split())] if children.exists() else [pid]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in family(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """The largest peak RSS among the process and its workers: the figure per worker."""
+    peaks = [0.0]
+    for member in family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
 
 
 class App:
-    def __init__(self, name: str, database_url: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, database_url: str, env: dict[str, str], workers: int = 1) -> None:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "uvicorn", *APPS[name], "--port", str(self.port), "--workers", "1"]
+        command = [sys.executable, "-m", "uvicorn", *APPS[name], "--port", str(self.port), "--workers", str(workers)]
         command += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
         full_env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": SECRET, **env}
         self.process = subprocess.Popen(command, cwd=PROJECT, env=full_env)
@@ -262,6 +274,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a 20-second check that the harness works")
     parser.add_argument("--apps", default="service,limit,fastapi")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)")
+    parser.add_argument("--service-workers", type=int, default=1, help="uvicorn workers for the service")
+    parser.add_argument("--pgbouncer", action="store_true", help="the service reaches PostgreSQL through PgBouncer")
+    parser.add_argument("--out", help="where to write the results (default: bench/results.md)")
+    parser.add_argument("--no-scale", action="store_true", help="skip the 1,000,000-user scale checks")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.seconds, args.users = 1, 1, 2000
@@ -274,6 +290,14 @@ def main() -> None:
     with ThreadPoolExecutor(1) as pool:
         pool.submit(upgrade_schema, db.url).result()
     db.seed(args.users)
+    service_url = db.url
+    if args.pgbouncer:  # transaction mode, as tests/test_pgbouncer.py runs it
+        sys.path.insert(0, str(PROJECT / "tests"))
+        from chaos import PgBouncer
+
+        bouncer = PgBouncer(int(db.url.rsplit(":", 1)[1].split("/")[0]))
+        service_url = bouncer.url("bench")
+        service_env["DB_PGBOUNCER"] = "true"
 
     plan = [("lookup", 32), ("lookup", 256), ("me", 32), ("me", 256), ("list", 32), ("list", 256), ("signup", 32)]
     if args.smoke:
@@ -284,7 +308,10 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = apps if round_ % 2 == 0 else apps[::-1]  # alternate, so no app always runs first
         for name in order:
-            app = App(name, db.url, service_env if name == "service" else {})
+            if name == "service":
+                app = App(name, service_url, service_env, args.service_workers)
+            else:
+                app = App(name, db.url, {})
             try:
                 for scenario, connections in plan:
                     prefix = f"r{round_}{name[0]}{connections % 100}"
@@ -306,15 +333,15 @@ def main() -> None:
     hash_rate = bare_hash_rate(2 if args.smoke else 5)
 
     scale: dict[str, float] = {}
-    if not args.smoke and "service" in apps:
+    if not args.smoke and not args.no_scale and "service" in apps:
         scale = scale_checks(db, args, service_env)
 
     report = render(runs, notes, hash_rate, scale, args)
     print(report)
-    out = PROJECT / "bench" / ("out/smoke.md" if args.smoke else "results.md")
+    out = Path(args.out) if args.out else PROJECT / "bench" / ("out/smoke.md" if args.smoke else "results.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(report)
-    print(f"written to {out.relative_to(PROJECT)}")
+    print(f"written to {out.resolve()}")
 
 
 def scale_checks(db: Postgres, args: argparse.Namespace, service_env: dict[str, str]) -> dict[str, float]:
@@ -351,7 +378,9 @@ def render(
     lines = [
         "# Benchmark results",
         "",
-        f"`scripts/bench` on {os.cpu_count()} CPUs: PostgreSQL 15 on loopback, one uvicorn worker per app "
+        f"`scripts/bench {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPUs: PostgreSQL 15 on loopback, "
+        f"{args.service_workers} uvicorn worker(s) for the service"
+        f"{' (through PgBouncer, transaction mode)' if args.pgbouncer else ''}, one per reference app "
         f"(uvloop, httptools, no access log), wrk with 2 threads, {args.seconds:g} s per run, "
         f"{args.rounds} rounds in alternating order, {args.users:,} seeded users. Medians of the rounds; "
         "`× limit` is requests/s against the raw-asyncpg app measured in the same rounds.",

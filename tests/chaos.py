@@ -79,6 +79,57 @@ class Cluster:
             await connection.close()
 
 
+class PgBouncer:
+    """Debian's PgBouncer in transaction mode in front of a cluster, run as the `postgres` user."""
+
+    def __init__(self, postgres_port: int) -> None:
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="users-pgbouncer-"))
+        (self.dir / "userlist.txt").write_text('"postgres" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            f"""[databases]
+* = host=127.0.0.1 port={postgres_port}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir = {self.dir}
+auth_type = trust
+auth_file = {self.dir}/userlist.txt
+pool_mode = transaction
+server_reset_query_always = 1
+default_pool_size = 20
+max_client_conn = 1000
+ignore_startup_parameters = extra_float_digits
+logfile = {self.dir}/pgbouncer.log
+"""
+        )
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if as_postgres:  # like initdb, pgbouncer refuses to run as root
+            for path in (self.dir, *self.dir.iterdir()):
+                shutil.chown(path, "postgres", "postgres")
+        self.process = subprocess.Popen([*as_postgres, binary, "-q", str(self.dir / "pgbouncer.ini")])
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def log(self) -> str:
+        path = self.dir / "pgbouncer.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class TcpProxy:
     """A loopback TCP proxy in front of PostgreSQL whose link can be slowed, cut or reset."""
 

@@ -9,6 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
+from sqlalchemy.pool import NullPool
 
 from conftest import Database, in_thread
 from db import Base, Settings, async_url, make_engine, upgrade_schema
@@ -76,6 +77,8 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         "DB_CONNECT_TIMEOUT": "2",
         "DB_COMMAND_TIMEOUT": "3",
         "MAX_BODY_BYTES": "1024",
+        "DB_PGBOUNCER": "true",
+        "DB_APPLICATION_NAME": "users-eu",
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -89,6 +92,8 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         connect_timeout=2,
         command_timeout=3,
         max_body_bytes=1024,
+        pgbouncer=True,
+        application_name="users-eu",
     )
 
 
@@ -125,5 +130,14 @@ async def test_the_engine_applies_the_pool_settings(database_url: str) -> None:
             900,
             False,
         )
+    finally:
+        await engine.dispose()
+
+
+async def test_behind_pgbouncer_the_engine_leaves_pooling_to_pgbouncer() -> None:
+    # What the flag changes in behaviour is proven against a real PgBouncer (test_pgbouncer.py).
+    engine = make_engine(Settings(database_url="postgresql://u@127.0.0.1:1/users", pgbouncer=True))
+    try:
+        assert isinstance(engine.sync_engine.pool, NullPool)
     finally:
         await engine.dispose()
