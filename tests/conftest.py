@@ -11,7 +11,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from starlette.applications import Starlette
 
 import chaos
 from app import create_app
+from chaos import free_port
 from db import Settings, async_url, make_engine, upgrade_schema
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -183,13 +183,6 @@ class Database:
 
 def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
     return {"username": username, "password": "Secret123!", "email": f"{username}@example.com", **overrides}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- the README's subprocess fixture (kept verbatim in README.md; a test checks) --------------

@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from conftest import PROJECT_DIR, Database, free_port, signup_body
+from chaos import free_port
+from conftest import PROJECT_DIR, Database, signup_body
 
 pytestmark = pytest.mark.e2e
 
