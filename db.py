@@ -165,11 +165,20 @@ def make_sessionmaker(
     return async_sessionmaker(bind, expire_on_commit=False)
 
 
+# SQLSTATEs that mean "not now": connection exceptions (08), insufficient resources such as too
+# many connections (53), and shutdowns or "the database system is starting up" (57P01-57P03).
+# asyncpg's errors for these reach SQLAlchemy as plain DBAPIErrors.
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True for the errors that mean "the database cannot be reached right now"."""
     if isinstance(exc, PoolTimeoutError | OperationalError | InterfaceError | OSError):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if not isinstance(exc, DBAPIError):
+        return False
+    sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
+    return exc.connection_invalidated or sqlstate.startswith(UNAVAILABLE_SQLSTATES)
 
 
 def upgrade_schema(database_url: str) -> None:

@@ -331,3 +331,17 @@ async def test_fifty_racing_signups_of_one_username_give_one_201(
         {"scenario": "duplicate race", "requests": 50, "2xx": 1, "4xx": 49, "500": 0, "503": 0, "no answer": 0,
          "in doubt": 0, "invariant": "holds", "leaked": await leaked_connections(cluster)}
     )  # fmt: skip
+
+
+async def test_a_database_that_refuses_connections_answers_503(
+    cluster: Cluster, database: str, start_service: Callable[..., Service]
+) -> None:
+    # "too many connections for role" is SQLSTATE 53300: asyncpg reports it as a plain PostgresError.
+    await cluster.sql("DROP ROLE IF EXISTS crowded")
+    await cluster.sql("CREATE ROLE crowded LOGIN CONNECTION LIMIT 0")
+    service = start_service(cluster.url(database).replace("postgres@", "crowded@"))
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        for response in (await client.get("/readyz"), await client.get("/api/users/alice")):
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "2"
+        assert (await client.get("/healthz")).status_code == 200
