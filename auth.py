@@ -20,7 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from db import Settings, User
+from db import Settings
+from models import User
 from stores import RevokedTokenStore, UserStore
 
 logger = logging.getLogger("users")

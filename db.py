@@ -1,35 +1,22 @@
-"""Database settings, the engine, the ORM models and the session-per-request middleware."""
+"""Database settings, the engine and sessionmakers, and the session-per-request middleware."""
 
 from __future__ import annotations
 
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 from sqlalchemy import (
-    BigInteger,
-    DateTime,
-    Dialect,
-    Identity,
-    Index,
-    Integer,
-    PrimaryKeyConstraint,
-    String,
-    UniqueConstraint,
     event,
-    func,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool
-from sqlalchemy.types import TypeDecorator
 from starlette.config import Config
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -190,64 +177,6 @@ def upgrade_schema(database_url: str) -> None:
     config.set_main_option("script_location", str(PROJECT_DIR / "migrations"))
     config.attributes["database_url"] = database_url
     command.upgrade(config, "head")
-
-
-# --- the models -----------------------------------------------------------------------------
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-# Ids are never reused: AUTOINCREMENT on SQLite (which needs the INTEGER type), IDENTITY on PostgreSQL.
-Id = BigInteger().with_variant(Integer(), "sqlite")
-# Binary collation, so usernames compare and sort alike on SQLite and PostgreSQL.
-Username = String(20).with_variant(String(20, collation="C"), "postgresql")
-
-
-class User(Base):
-    __tablename__ = "users"
-    __table_args__ = (
-        PrimaryKeyConstraint("id", name="pk_users"),
-        UniqueConstraint("username", name="uq_users_username"),
-        {"sqlite_autoincrement": True},
-    )
-
-    id: Mapped[int] = mapped_column(Id, Identity(always=False))
-    username: Mapped[str] = mapped_column(Username)
-    email: Mapped[str] = mapped_column(String(254))
-    password_hash: Mapped[str] = mapped_column(String(255))
-    address: Mapped[str | None] = mapped_column(String(100), default=None)
-    phone_number: Mapped[str | None] = mapped_column(String(11), default=None)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
-    # Bumped when the password changes: every token issued before carries an older value.
-    token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-
-
-# Emails are unique case-insensitively.
-Index("uq_users_email_lower", func.lower(User.email), unique=True)
-
-
-class RevokedToken(Base):
-    """A refresh token that was used or signed out; kept until it would have expired anyway."""
-
-    __tablename__ = "revoked_tokens"
-    __table_args__ = (PrimaryKeyConstraint("jti", name="pk_revoked_tokens"),)
-
-    jti: Mapped[str] = mapped_column(String(32))
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 # --- the session middleware -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Row, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import RevokedToken, User
+from models import RevokedToken, User
 
 # Built once: the hot lookups skip constructing (and cache-keying) a statement per request.
 BY_USERNAME = select(User).where(User.username == bindparam("username"))

@@ -12,7 +12,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.pool import NullPool
 
 from conftest import Database, in_thread
-from db import Base, Settings, async_url, make_engine, upgrade_schema
+from db import Settings, async_url, make_engine, upgrade_schema
+from models import Base
 
 pytestmark = pytest.mark.anyio
 
