@@ -290,14 +290,21 @@ def main() -> None:
     with ThreadPoolExecutor(1) as pool:
         pool.submit(upgrade_schema, db.url).result()
     db.seed(args.users)
-    service_url = db.url
     if args.pgbouncer:  # transaction mode, as tests/test_pgbouncer.py runs it
         sys.path.insert(0, str(PROJECT / "tests"))
         from chaos import PgBouncer
 
         bouncer = PgBouncer(int(db.url.rsplit(":", 1)[1].split("/")[0]))
-        service_url = bouncer.url("bench")
         service_env["DB_PGBOUNCER"] = "true"
+        try:
+            measure_all(args, db, bouncer.url("bench"), service_env)
+        finally:
+            bouncer.stop()
+    else:
+        measure_all(args, db, db.url, service_env)
+
+
+def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, service_env: dict[str, str]) -> None:
 
     plan = [("lookup", 32), ("lookup", 256), ("me", 32), ("me", 256), ("list", 32), ("list", 256), ("signup", 32)]
     if args.smoke:

@@ -104,11 +104,12 @@ ignore_startup_parameters = extra_float_digits
 logfile = {self.dir}/pgbouncer.log
 """
         )
-        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if as_postgres:  # like initdb, pgbouncer refuses to run as root
+        user = "postgres" if os.geteuid() == 0 else None
+        if user:  # like initdb, pgbouncer refuses to run as root
             for path in (self.dir, *self.dir.iterdir()):
-                shutil.chown(path, "postgres", "postgres")
-        self.process = subprocess.Popen([*as_postgres, binary, "-q", str(self.dir / "pgbouncer.ini")])
+                shutil.chown(path, user, user)
+        # Our own child (not through runuser), so that stop() can wait for it and reap it.
+        self.process = subprocess.Popen([binary, "-q", str(self.dir / "pgbouncer.ini")], user=user, group=user)
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
