@@ -34,8 +34,10 @@ import httpx
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(PROJECT / "tests"))  # chaos.py: free_port, PgBouncer
 
 from auth import Tokens, hasher  # noqa: E402
+from chaos import PgBouncer, free_port  # noqa: E402
 from db import upgrade_schema  # noqa: E402
 
 SECRET = "bench-secret-" + "b" * 40
@@ -98,15 +100,6 @@ class Run:
     cpu_ms_per_request: float
     pg_connections_during: int
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def family(pid: int) -> list[int]:
@@ -291,9 +284,6 @@ def main() -> None:
         pool.submit(upgrade_schema, db.url).result()
     db.seed(args.users)
     if args.pgbouncer:  # transaction mode, as tests/test_pgbouncer.py runs it
-        sys.path.insert(0, str(PROJECT / "tests"))
-        from chaos import PgBouncer
-
         bouncer = PgBouncer(int(db.url.rsplit(":", 1)[1].split("/")[0]))
         service_env["DB_PGBOUNCER"] = "true"
         try:
