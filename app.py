@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -26,11 +26,22 @@ from auth import (
     hash_limiter,
     hash_password,
     hasher,
+    no_longer_valid,
     revoke,
+    token_claims,
     token_secret,
     verify_password,
 )
-from db import DBSessionMiddleware, Settings, is_unavailable, make_engine, make_sessionmaker
+from db import (
+    DBSessionMiddleware,
+    SchemaRevisions,
+    Settings,
+    is_unavailable,
+    make_engine,
+    make_sessionmaker,
+    transaction,
+)
+from limits import RequestBodyMiddleware
 from openapi import openapi_document
 from schemas import (
     PATTERN_RULES,
@@ -54,21 +65,11 @@ def model_response(model: BaseModel, status_code: int = 200) -> Response:
 
 
 async def read_json_body(request: Request) -> bytes:
-    """The raw body of a JSON request, refused early when it has the wrong type or size."""
+    """The body of a JSON request (RequestBodyMiddleware has read it already, within its limits)."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         raise HTTPException(415, "Content-Type must be application/json.")
-    limit: int = request.state.max_body_bytes
-    too_large = HTTPException(413, f"Request body is larger than {limit} bytes.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large  # stop reading: an oversized body is never buffered whole
-    return bytes(body)
+    return await request.body()
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -90,14 +91,20 @@ async def signup(request: Request) -> Response:
 
 async def signin(request: Request) -> Response:
     data = Signin.model_validate_json(await read_json_body(request))
-    user = await UserStore(request.state.session).get_by_username(data.username)
+    # A short read of its own, so that no connection or transaction is held while the hash runs.
+    async with transaction(request.state.sessionmaker) as session:
+        user = await UserStore(session).get_by_username(data.username)
     limiter = request.state.hash_limiter
     if not await verify_password(user.password_hash if user else None, data.password, limiter):
         raise HTTPException(401, "Invalid username or password")
     assert user is not None
-    if hasher.check_needs_rehash(user.password_hash):  # made with older parameters: upgrade it
-        user.password_hash = await hash_password(data.password, limiter)
-    return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, user.token_version)))
+    # Made with older parameters: upgrade it.
+    new_hash = await hash_password(data.password, limiter) if hasher.check_needs_rehash(user.password_hash) else None
+    # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
+    version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
+    if version is None:
+        raise HTTPException(401, "Invalid username or password")
+    return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, version)))
 
 
 async def refresh(request: Request) -> Response:
@@ -118,33 +125,43 @@ async def get_me(request: Request) -> Response:
 
 
 async def update_me(request: Request) -> Response:
-    user, _ = await authenticate(request, "access")
+    claims = token_claims(request, "access")
     data = ProfileUpdate.model_validate_json(await read_json_body(request))
     try:
-        await UserStore(request.state.session).update(user, data.model_dump(exclude_unset=True))
+        user = await UserStore(request.state.session).update(
+            claims.user_id, claims.version, data.model_dump(exclude_unset=True)
+        )
     except IntegrityError:
         raise HTTPException(409, "Email already exists") from None
+    if user is None:
+        raise no_longer_valid()
     return model_response(PrivateProfile.model_validate(user))
 
 
 async def change_password(request: Request) -> Response:
-    user, _ = await authenticate(request, "access")
+    claims = token_claims(request, "access")
     data = PasswordChange.model_validate_json(await read_json_body(request))
+    # A short read of its own, so that no connection or transaction is held while the hashes run.
+    async with transaction(request.state.sessionmaker) as session:
+        user = await UserStore(session).current(claims.user_id, claims.version)
+    if user is None:
+        raise no_longer_valid()
     limiter = request.state.hash_limiter
     if not await verify_password(user.password_hash, data.old_password, limiter):
         raise HTTPException(401, "Old password is incorrect")
     new_hash = await hash_password(data.new_password, limiter)
-    # A new token version: every token issued before this moment stops working.
-    await UserStore(request.state.session).update(
-        user, {"password_hash": new_hash, "token_version": user.token_version + 1}
-    )
+    # Only if the token's version is still the user's: a racing change or deletion that committed
+    # first makes this one fail (and ends this token) instead of being overwritten.
+    if not await UserStore(request.state.session).change_password(user.id, claims.version, new_hash):
+        raise no_longer_valid()
     return Response(status_code=204)
 
 
 async def delete_me(request: Request) -> Response:
-    user, _ = await authenticate(request, "access")
-    await UserStore(request.state.session).delete(user)  # its tokens name a user that is gone
-    return Response(status_code=204)
+    claims = token_claims(request, "access")
+    if not await UserStore(request.state.session).delete(claims.user_id, claims.version):
+        raise no_longer_valid()
+    return Response(status_code=204)  # its tokens name a user that is gone
 
 
 async def me(request: Request) -> Response:
@@ -173,8 +190,19 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    await request.state.session.execute(text("SELECT 1"))  # bounded by the pool and driver timeouts
-    return JSONResponse({"status": "ready"})
+    # Bounded by the pool and driver timeouts; an unreachable database answers 503 (database_error).
+    try:
+        found = await request.state.session.scalar(text("SELECT version_num FROM alembic_version"))
+    except DBAPIError as exc:
+        if is_unavailable(exc):
+            raise
+        found = None  # no alembic_version table: never migrated
+    revisions: SchemaRevisions = request.state.schema_revisions
+    if revisions.behind(found):
+        return error_response(
+            503, f"The database schema is at revision {found or 'none'}, not {revisions.head}: run the migrations."
+        )
+    return JSONResponse({"status": "ready", "revision": found})
 
 
 async def openapi_json(request: Request) -> Response:
@@ -241,12 +269,6 @@ async def database_error(request: Request, exc: Exception) -> Response:
     return error_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
 
 
-async def client_gone(request: Request, exc: Exception) -> Response:
-    # Nobody will read this answer; what matters is that it is an error, so nothing is committed.
-    logger.info("client disconnected before sending the whole body: %s %s", request.method, request.url.path)
-    return error_response(400, "The client disconnected before sending the whole body.")
-
-
 async def server_error(request: Request, exc: Exception) -> Response:
     # uvicorn closes the connection after an unhandled error; say so, or a client that reuses the
     # connection loses its next request.
@@ -267,11 +289,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield {
                 "engine": engine,
-                "sessionmaker": make_sessionmaker(engine, autocommit_reads=not settings.pgbouncer),
-                "write_sessionmaker": make_sessionmaker(engine, writes=True),
+                "sessionmaker": make_sessionmaker(
+                    engine, autocommit_reads=not settings.pgbouncer, close_timeout=settings.command_timeout
+                ),
+                "write_sessionmaker": make_sessionmaker(engine, writes=True, close_timeout=settings.command_timeout),
                 "hash_limiter": hash_limiter(),
                 "tokens": tokens,
-                "max_body_bytes": settings.max_body_bytes,
+                "schema_revisions": SchemaRevisions.from_migrations(),
             }
         finally:
             # Bounded: a database that stopped answering must not keep the process from exiting.
@@ -282,11 +306,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=routes,
-        middleware=[Middleware(DBSessionMiddleware, close_timeout=settings.command_timeout)],
+        # The body is read whole before the session is made, so no transaction waits on a client.
+        middleware=[
+            Middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout),
+            Middleware(DBSessionMiddleware),
+        ],
         exception_handlers={
             HTTPException: http_error,
             ValidationError: validation_error,
-            ClientDisconnect: client_gone,
             DBAPIError: database_error,
             PoolTimeoutError: database_error,
             OSError: database_error,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class Settings:
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
     max_body_bytes: int = 65536
+    body_timeout: float = 10.0
     secret_key: str | None = None
     access_token_ttl: int = 15 * 60
     refresh_token_ttl: int = 7 * 24 * 3600
@@ -61,6 +64,7 @@ class Settings:
             connect_timeout=config("DB_CONNECT_TIMEOUT", cast=float, default=cls.connect_timeout),
             command_timeout=config("DB_COMMAND_TIMEOUT", cast=float, default=cls.command_timeout),
             max_body_bytes=config("MAX_BODY_BYTES", cast=int, default=cls.max_body_bytes),
+            body_timeout=config("BODY_TIMEOUT", cast=float, default=cls.body_timeout),
             secret_key=config("SECRET_KEY", default=None) or None,
             access_token_ttl=config("ACCESS_TOKEN_TTL", cast=int, default=cls.access_token_ttl),
             refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
@@ -133,7 +137,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 def make_sessionmaker(
-    engine: AsyncEngine, *, writes: bool = False, autocommit_reads: bool = True
+    engine: AsyncEngine, *, writes: bool = False, autocommit_reads: bool = True, close_timeout: float = 10.0
 ) -> async_sessionmaker[AsyncSession]:
     """Sessions for requests that may write, or (writes=False) for GET and HEAD, which only read.
 
@@ -142,6 +146,9 @@ def make_sessionmaker(
     own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips. Not
     behind PgBouncer in transaction mode (autocommit_reads=False): there asyncpg's prepare and
     execute must stay inside one transaction, or they may reach two different servers.
+
+    A closed session stays closed (close_resets_only=False): whatever uses it after its
+    transaction ended gets an error instead of a new transaction that nobody would commit.
     """
     if writes:
         bind = engine.execution_options(sqlite_begin="IMMEDIATE")
@@ -149,7 +156,9 @@ def make_sessionmaker(
         bind = engine.execution_options(isolation_level="AUTOCOMMIT")
     else:
         bind = engine
-    return async_sessionmaker(bind, expire_on_commit=False)
+    return async_sessionmaker(
+        bind, expire_on_commit=False, close_resets_only=False, info={"close_timeout": close_timeout}
+    )
 
 
 # SQLSTATEs that mean "not now": connection exceptions (08), insufficient resources such as too
@@ -158,25 +167,63 @@ def make_sessionmaker(
 UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
 
 
+# SQLite's result codes for "not now": busy or locked past busy_timeout, the file cannot be
+# opened, an I/O error. A plain SQLITE_ERROR (such as "no such table") is not one of them.
+UNAVAILABLE_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PROTOCOL")
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    """True for the errors that mean "the database cannot be reached right now"."""
-    if isinstance(exc, PoolTimeoutError | OperationalError | InterfaceError | OSError):
+    """True for the errors that mean "the database cannot be reached right now" (a 503).
+
+    Not for a permanent fault such as a missing table: retrying that would not help.
+    """
+    if isinstance(exc, PoolTimeoutError | OSError):
         return True
     if not isinstance(exc, DBAPIError):
         return False
+    if exc.connection_invalidated:
+        return True
+    sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
+    if sqlite_error is not None:
+        return str(sqlite_error).startswith(UNAVAILABLE_SQLITE_ERRORS)
     sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
-    return exc.connection_invalidated or sqlstate.startswith(UNAVAILABLE_SQLSTATES)
+    return isinstance(exc, OperationalError | InterfaceError) or sqlstate.startswith(UNAVAILABLE_SQLSTATES)
 
 
-def upgrade_schema(database_url: str) -> None:
-    """Apply the Alembic migrations (blocking; from async code, run it in a thread)."""
-    from alembic import command
+def _alembic_config(database_url: str | None = None) -> Any:
     from alembic.config import Config as AlembicConfig
 
     config = AlembicConfig(str(PROJECT_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(PROJECT_DIR / "migrations"))
     config.attributes["database_url"] = database_url
-    command.upgrade(config, "head")
+    return config
+
+
+def upgrade_schema(database_url: str, revision: str = "head") -> None:
+    """Apply the Alembic migrations (blocking; from async code, run it in a thread)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(database_url), revision)
+
+
+@dataclass(frozen=True)
+class SchemaRevisions:
+    """The migrations' head, and every revision this code knows (read once, at startup)."""
+
+    head: str
+    known: frozenset[str]
+
+    @classmethod
+    def from_migrations(cls) -> SchemaRevisions:
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(_alembic_config())
+        return cls(str(script.get_current_head()), frozenset(rev.revision for rev in script.walk_revisions()))
+
+    def behind(self, found: str | None) -> bool:
+        """True if the database needs this code's migrations. A revision this code does not know
+        is taken to be newer (a later release migrated first, during a rolling deploy): ready."""
+        return found is None or (found != self.head and found in self.known)
 
 
 # --- the session middleware -----------------------------------------------------------------
@@ -193,9 +240,8 @@ class DBSessionMiddleware:
     back, and a failed commit becomes a 500 instead of the app's response.
     """
 
-    def __init__(self, app: ASGIApp, close_timeout: float = 10.0) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.close_timeout = close_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -214,15 +260,21 @@ class DBSessionMiddleware:
             if commit_error is not None:
                 return  # the app's response is dropped: the client gets the 500
             if message["type"] == "http.response.start":
-                if message["status"] < 400:
-                    # Don't send the start message until we know the commit worked.
-                    try:
-                        await session.commit()
-                    except Exception as exc:
-                        commit_error = CommitFailed("the commit failed, so the response was not sent")
-                        raise commit_error from exc
-                else:
-                    await session.rollback()
+                try:
+                    if message["status"] < 400:
+                        # Don't send the start message until we know the commit worked.
+                        try:
+                            await session.commit()
+                        except Exception as exc:
+                            commit_error = CommitFailed("the commit failed, so the response was not sent")
+                            raise commit_error from exc
+                    else:
+                        await session.rollback()
+                finally:
+                    # The request's transaction is over. Closed for good, a later use of this
+                    # session (a background task, a streaming body) fails loudly instead of
+                    # writing in a new transaction that nobody would commit.
+                    await close_session(session)
             await send(message)
 
         try:
@@ -230,20 +282,39 @@ class DBSessionMiddleware:
             if commit_error is not None:
                 raise commit_error  # the app swallowed it; the outer error middleware answers 500
         finally:
-            await self.close(session)
+            await close_session(session)
 
-    async def close(self, session: AsyncSession) -> None:
-        if not session.in_transaction():
-            # Committed, rolled back or never used: the connection is back in the pool already,
-            # so close() does no I/O and there is nothing to shield.
+
+async def close_session(session: AsyncSession) -> None:
+    """Close a session and give back its connection, even when cancelled, within close_timeout."""
+    if not session.in_transaction():
+        # Committed, rolled back or never used: the connection is back in the pool already,
+        # so close() does no I/O and there is nothing to shield.
+        await session.close()
+        return
+    # The work failed or was cancelled mid-transaction: close() rolls back and returns the
+    # connection. Shielded, because cancelled work must still give its connection back; bounded,
+    # because a dead socket must not hold a pool slot forever.
+    timeout: float = session.info["close_timeout"]
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(timeout) as bound:
             await session.close()
-            return
-        # The request failed or was cancelled mid-transaction: close() rolls back and returns the
-        # connection. Shielded, because a cancelled request must still give its connection back;
-        # bounded, because a dead socket must not hold a pool slot forever.
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.close_timeout) as bound:
-                await session.close()
-            if bound.cancelled_caught:
-                logger.warning("closing a session took over %s s; invalidating its connection", self.close_timeout)
-                await session.invalidate()
+        if bound.cancelled_caught:
+            logger.warning("closing a session took over %s s; invalidating its connection", timeout)
+            await session.invalidate()
+
+
+@asynccontextmanager
+async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session and transaction of its own, outside the request's: committed when the block ends,
+    rolled back if it raises, always closed (as the middleware closes the request's session).
+
+    For background work that runs after the response (the request's session is closed by then),
+    and for short reads that must not hold the request's transaction open while CPU work runs.
+    """
+    session = sessionmaker()
+    try:
+        yield session
+        await session.commit()
+    finally:
+        await close_session(session)

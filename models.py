@@ -3,6 +3,7 @@ tests/test_schema.py checks that these agree with them."""
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -10,12 +11,10 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Identity,
-    Index,
     Integer,
     PrimaryKeyConstraint,
     String,
     UniqueConstraint,
-    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -33,6 +32,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+def email_key(email: str) -> str:
+    """What makes two addresses the same one: Unicode case folding (canonical caseless matching),
+    done here in Python so that SQLite and PostgreSQL agree (SQLite's lower() folds ASCII only)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", email).casefold())
+
+
+# Case folding can lengthen a string (ß becomes ss); this is room for any 254-character address.
+EMAIL_KEY_LENGTH = 762
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -48,22 +57,20 @@ class User(Base):
     __table_args__ = (
         PrimaryKeyConstraint("id", name="pk_users"),
         UniqueConstraint("username", name="uq_users_username"),
+        UniqueConstraint("email_key", name="uq_users_email_key"),
         {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Id, Identity(always=False))
     username: Mapped[str] = mapped_column(Username)
-    email: Mapped[str] = mapped_column(String(254))
+    email: Mapped[str] = mapped_column(String(254))  # as the user typed it (after email-validator)
+    email_key: Mapped[str] = mapped_column(String(EMAIL_KEY_LENGTH))  # email_key(email): unique
     password_hash: Mapped[str] = mapped_column(String(255))
     address: Mapped[str | None] = mapped_column(String(100), default=None)
     phone_number: Mapped[str | None] = mapped_column(String(11), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
     # Bumped when the password changes: every token issued before carries an older value.
     token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-
-
-# Emails are unique case-insensitively.
-Index("uq_users_email_lower", func.lower(User.email), unique=True)
 
 
 class RevokedToken(Base):

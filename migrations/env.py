@@ -27,7 +27,10 @@ MIGRATION_LOCK = 0x75736572
 
 def run_migrations(connection: Connection) -> None:
     # render_as_batch: SQLite can only ALTER a table by copying it; batch mode does that.
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    # transactional_ddl: SQLite can roll DDL back too, so a failed migration leaves nothing half done.
+    context.configure(
+        connection=connection, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True
+    )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # Replicas starting together migrate one at a time; the next one finds nothing to do.

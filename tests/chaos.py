@@ -205,12 +205,13 @@ class TcpProxy:
 class Service:
     """The service as a real uvicorn process on a free loopback port (what scripts/serve execs)."""
 
-    def __init__(self, database_url: str, log_path: Path, **settings: str) -> None:
+    def __init__(self, database_url: str, log_path: Path, app: str = "app:create_app", **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "faults-" + "k" * 40, **settings}
-        command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--port", str(self.port)]
+        command = [sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(self.port)]
+        command += ["--app-dir", str(PROJECT_DIR / "tests")] if not app.startswith("app:") else []
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
             [*command, "--no-access-log"], cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT

@@ -180,4 +180,4 @@ async def test_malformed_list_query_is_400(client: httpx.AsyncClient, query: str
 
 async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    assert (await client.get("/readyz")).json() == {"status": "ready", "revision": "0003"}

@@ -1,0 +1,72 @@
+"""emails unique by their case-folded form (email_key), the same on SQLite and PostgreSQL
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-01
+
+SQLite's lower() folds ASCII only, so `ÉLISE@example.com` and `élise@example.com` could both sign
+up there. The key is computed in Python (models.email_key) for every existing row. If two
+existing accounts turn out to share a key, the migration stops and names them: which one keeps
+the address is for a person to decide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from alembic.operations import BatchOperations
+
+from models import EMAIL_KEY_LENGTH, email_key
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("users") as batch:
+        batch.add_column(sa.Column("email_key", sa.String(EMAIL_KEY_LENGTH), nullable=True))
+    users = sa.table("users", sa.column("id", sa.BigInteger), sa.column("email", sa.String), sa.column("email_key"))
+    connection = op.get_bind()
+    owners: dict[str, list[int]] = {}
+    for user_id, email in connection.execute(sa.select(users.c.id, users.c.email).order_by(users.c.id)):
+        owners.setdefault(email_key(email), []).append(user_id)
+    shared = {key: ids for key, ids in owners.items() if len(ids) > 1}
+    if shared:
+        listed = "; ".join(f"{key}: users {', '.join(map(str, ids))}" for key, ids in sorted(shared.items()))
+        raise RuntimeError(
+            f"{len(shared)} email address(es) belong to more than one account once case is folded ({listed}). "
+            "Give all but one of each group another address, then run the migration again."
+        )
+    for key, (user_id,) in owners.items():
+        connection.execute(users.update().where(users.c.id == user_id).values(email_key=key))
+    op.drop_index("uq_users_email_lower", table_name="users")
+    with recreated_on_sqlite() as batch:
+        batch.alter_column("email_key", existing_type=sa.String(EMAIL_KEY_LENGTH), nullable=False)
+        batch.create_unique_constraint("uq_users_email_key", ["email_key"])
+
+
+@contextlib.contextmanager
+def recreated_on_sqlite() -> Iterator[BatchOperations]:
+    """Alembic's batch mode, which on SQLite copies the table into a new one: keep AUTOINCREMENT
+    and its high-water mark, or the ids of deleted users could be handed out again."""
+    connection = op.get_bind()
+    sqlite = connection.dialect.name == "sqlite"
+    seq = connection.scalar(sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'users'")) if sqlite else None
+    with op.batch_alter_table("users", table_kwargs={"sqlite_autoincrement": True}) as batch:
+        yield batch
+    if seq is not None:
+        connection.execute(
+            sa.text("UPDATE sqlite_sequence SET seq = max(seq, :seq) WHERE name = 'users'"), {"seq": seq}
+        )
+
+
+def downgrade() -> None:
+    with recreated_on_sqlite() as batch:
+        batch.drop_constraint("uq_users_email_key", type_="unique")
+        batch.drop_column("email_key")
+    op.create_index("uq_users_email_lower", "users", [sa.text("lower(email)")], unique=True)
