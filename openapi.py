@@ -20,6 +20,7 @@ from schemas import (
     PrivateProfile,
     ProfileUpdate,
     PublicProfile,
+    Readiness,
     Signin,
     Signup,
     Status,
@@ -30,13 +31,14 @@ ERRORS = {
     400: "The body or query is malformed or a field is invalid; nothing was written.",
     401: "The bearer token is missing, malformed, expired, revoked or of the wrong type.",
     404: "No such user.",
+    408: "The body did not arrive within BODY_TIMEOUT seconds; nothing was written.",
     409: "The username or email is taken; nothing was written.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not sent as application/json.",
     500: "An internal error, or the commit failed; nothing was written unless the outcome is in doubt.",
     503: "The database cannot be reached or has no free connection; retry after Retry-After seconds.",
 }
-BODY_ERRORS = (400, 413, 415)
+BODY_ERRORS = (400, 408, 413, 415)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Operation:
     auth: bool = False
     database: bool = True
     links: dict[str, Any] = field(default_factory=dict)
+    error_notes: dict[int, str] = field(default_factory=dict)  # in place of ERRORS' description
 
 
 # Links only carry data between operations. Credentials come from schemathesis's own sign-up and
@@ -90,7 +93,10 @@ OPERATIONS = (
     Operation("get", "/api/users", "listUsers", "Public profiles by username", 200, Page, (400,), query=ListQuery),
     Operation("get", "/api/users/{username}", "getUser", "A public profile", 200, PublicProfile, (404,)),
     Operation("get", "/healthz", "healthz", "Liveness; touches no database", 200, Status, database=False),
-    Operation("get", "/readyz", "readyz", "Readiness: the database answers", 200, Status),
+    Operation(
+        "get", "/readyz", "readyz", "Readiness: the database answers, at the schema's head", 200, Readiness,
+        error_notes={503: "Not ready: the database cannot be reached, or its schema is not at the migrations' head."},
+    ),
     Operation("get", "/openapi.json", "openapi", "This document", 200, None, database=False),
 )  # fmt: skip
 
@@ -118,7 +124,7 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         ok["links"] = op.links
     responses = {str(op.status): ok}
     for status in sorted({*op.errors, 500, *((503,) if op.database else ())}):
-        responses[str(status)] = _json(ref[Error], ERRORS[status])
+        responses[str(status)] = _json(ref[Error], op.error_notes.get(status, ERRORS[status]))
         if status == 401:
             responses["401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
         if status == 503:
@@ -139,7 +145,10 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         *((model, "validation") for model in (Signup, Signin, ProfileUpdate, PasswordChange)),
-        *((model, "serialization") for model in (PublicProfile, PrivateProfile, Page, TokenPair, Error, Status)),
+        *(
+            (model, "serialization")
+            for model in (PublicProfile, PrivateProfile, Page, TokenPair, Error, Status, Readiness)
+        ),
     ]
     keys, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
     ref: dict[Any, dict[str, Any]] = {model: schema for (model, _mode), schema in keys.items()}

@@ -132,3 +132,7 @@ class Error(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class Readiness(Status):
+    revision: str = Field(description="The schema revision the database is at (Alembic's).")

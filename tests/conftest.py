@@ -185,7 +185,7 @@ def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
     return {"username": username, "password": "Secret123!", "email": f"{username}@example.com", **overrides}
 
 
-# --- the README's subprocess fixture (kept verbatim in README.md; a test checks) --------------
+# --- the subprocess fixture of docs/testing.md (kept verbatim there; a test checks) ----------
 @pytest.fixture
 def service_url(database_url: str) -> Iterator[str]:
     """The user service as a real uvicorn process on a free loopback port, on a migrated database."""

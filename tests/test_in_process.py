@@ -1,4 +1,4 @@
-"""The in-process fixture the README offers to other projects' test suites (kept verbatim there)."""
+"""The in-process fixture docs/testing.md offers to other projects' test suites (kept verbatim there)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from db import Settings, upgrade_schema
 pytestmark = pytest.mark.anyio
 
 
-# --- the README's in-process fixture ---------------------------------------------------------
+# --- docs/testing.md's in-process fixture -----------------------------------------------------
 @pytest.fixture
 async def users_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The user service in this process, on a fresh migrated SQLite file, lifespan run."""
@@ -39,10 +39,10 @@ async def test_the_in_process_fixture_serves_the_api(users_client: httpx.AsyncCl
     assert (await users_client.get("/api/users/alice")).json()["username"] == "alice"
 
 
-def test_the_readme_shows_both_fixtures_verbatim() -> None:
+def test_the_testing_page_shows_both_fixtures_verbatim() -> None:
     import conftest
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    page = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
     for fixture in (users_client, conftest.service_url):
         source = inspect.getsource(inspect.unwrap(fixture))
-        assert source in readme, f"README.md no longer shows {fixture.__name__} as tests/ has it"
+        assert source in page, f"docs/testing.md no longer shows {fixture.__name__} as tests/ has it"
