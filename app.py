@@ -1,11 +1,11 @@
-"""The HTTP API: routes, error handlers and `create_app()`."""
+"""The HTTP API: the routes and `create_app()`, which composes them with the middleware and error handlers."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -21,8 +21,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from auth import (
+    Throttle,
     Tokens,
     authenticate,
+    bad_credentials,
+    count_attempt,
     hash_limiter,
     hash_password,
     hasher,
@@ -41,10 +44,18 @@ from db import (
     make_sessionmaker,
     transaction,
 )
+from errors import (
+    database_error,
+    error_response,
+    http_error,
+    invalid_fields,
+    server_error,
+    validation_error,
+)
 from limits import RequestBodyMiddleware
 from openapi import openapi_document
 from schemas import (
-    PATTERN_RULES,
+    USERNAME_PATTERN,
     ListQuery,
     Page,
     PasswordChange,
@@ -58,6 +69,7 @@ from schemas import (
 from stores import UserStore
 
 logger = logging.getLogger("users")
+USERNAME = re.compile(USERNAME_PATTERN)
 
 
 def model_response(model: BaseModel, status_code: int = 200) -> Response:
@@ -91,19 +103,21 @@ async def signup(request: Request) -> Response:
 
 async def signin(request: Request) -> Response:
     data = Signin.model_validate_json(await read_json_body(request))
+    attempt = await count_attempt(request, data.username)  # a 429 here costs no hash
     # A short read of its own, so that no connection or transaction is held while the hash runs.
     async with transaction(request.state.sessionmaker) as session:
         user = await UserStore(session).get_by_username(data.username)
     limiter = request.state.hash_limiter
     if not await verify_password(user.password_hash if user else None, data.password, limiter):
-        raise HTTPException(401, "Invalid username or password")
+        raise bad_credentials()
     assert user is not None
     # Made with older parameters: upgrade it.
     new_hash = await hash_password(data.password, limiter) if hasher.check_needs_rehash(user.password_hash) else None
     # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
     version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
     if version is None:
-        raise HTTPException(401, "Invalid username or password")
+        raise bad_credentials()
+    await attempt.succeeded(request.state.session)
     return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, version)))
 
 
@@ -146,14 +160,18 @@ async def change_password(request: Request) -> Response:
         user = await UserStore(session).current(claims.user_id, claims.version)
     if user is None:
         raise no_longer_valid()
+    attempt = await count_attempt(request, user.username)  # a password guess like a signin's
     limiter = request.state.hash_limiter
     if not await verify_password(user.password_hash, data.old_password, limiter):
-        raise HTTPException(401, "Old password is incorrect")
+        # The token is good, so this is not an authentication failure: a client that treats 401
+        # as "signed out" would drop its session over a typo.
+        return invalid_fields([{"field": "old_password", "message": "is not your current password"}])
     new_hash = await hash_password(data.new_password, limiter)
     # Only if the token's version is still the user's: a racing change or deletion that committed
     # first makes this one fail (and ends this token) instead of being overwritten.
     if not await UserStore(request.state.session).change_password(user.id, claims.version, new_hash):
         raise no_longer_valid()
+    await attempt.succeeded(request.state.session)
     return Response(status_code=204)
 
 
@@ -171,7 +189,11 @@ async def me(request: Request) -> Response:
 
 
 async def get_user(request: Request) -> Response:
-    user = await UserStore(request.state.session).public_by_username(request.path_params["username"])
+    username: str = request.path_params["username"]
+    # No stored username is anything else (signup's rule), so nothing can match; and PostgreSQL
+    # could not even compare a string with a NUL byte in it.
+    found = USERNAME.fullmatch(username) is not None
+    user = await UserStore(request.state.session).public_by_username(username) if found else None
     if user is None:
         raise HTTPException(404, "User not found")
     return model_response(PublicProfile.model_validate(user))
@@ -225,56 +247,6 @@ routes = [
 ]
 
 
-# --- errors: one shape for every status ------------------------------------------------------
-
-
-def error_response(status_code: int, detail: str, **extra: Any) -> JSONResponse:
-    headers = extra.pop("headers", None)
-    return JSONResponse({"detail": detail, **extra}, status_code=status_code, headers=headers)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    detail = exc.detail
-    if detail == HTTPStatus(exc.status_code).phrase:  # Starlette's own 404/405: make it a sentence
-        detail = HTTPStatus(exc.status_code).description + "."
-    return error_response(exc.status_code, detail, headers=exc.headers)
-
-
-async def validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ValidationError)
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    if any(error["type"] == "json_invalid" for error in errors):
-        return error_response(400, "Request body is not valid JSON.")
-    if any(error["loc"] == () for error in errors):
-        return error_response(400, "Request body must be a JSON object.")
-    fields: dict[str, str] = {}
-    for error in errors:
-        field = str(error["loc"][0])  # the models are flat; deeper parts name union branches
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "string_pattern_mismatch":
-            message = PATTERN_RULES.get(field, message)
-        fields.setdefault(field, message)  # one message per field: the first branch's
-    return invalid_fields([{"field": field, "message": message} for field, message in fields.items()])
-
-
-def invalid_fields(errors: list[dict[str, str]]) -> JSONResponse:
-    return error_response(400, "Some fields are missing or invalid.", errors=errors)
-
-
-async def database_error(request: Request, exc: Exception) -> Response:
-    if not is_unavailable(exc):
-        raise exc
-    logger.warning("database unavailable: %r", exc)
-    return error_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
-
-
-async def server_error(request: Request, exc: Exception) -> Response:
-    # uvicorn closes the connection after an unhandled error; say so, or a client that reuses the
-    # connection loses its next request.
-    return error_response(500, "Internal server error.", headers={"Connection": "close"})
-
-
 # --- the application -------------------------------------------------------------------------
 
 
@@ -295,6 +267,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "write_sessionmaker": make_sessionmaker(engine, writes=True, close_timeout=settings.command_timeout),
                 "hash_limiter": hash_limiter(),
                 "tokens": tokens,
+                "throttle": Throttle(
+                    settings.signin_failure_limit, settings.signin_address_failure_limit, settings.signin_failure_window
+                ),
                 "schema_revisions": SchemaRevisions.from_migrations(),
             }
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import secrets
 import uuid
@@ -17,12 +18,13 @@ import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from db import Settings
-from models import User
-from stores import RevokedTokenStore, UserStore
+from db import Settings, transaction
+from models import ADDRESS_LENGTH, User
+from stores import RevokedTokenStore, SigninFailureStore, UserStore
 
 logger = logging.getLogger("users")
 
@@ -61,6 +63,79 @@ async def verify_password(password_hash: str | None, password: str, limiter: any
 
 def unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def bad_credentials() -> HTTPException:
+    # A 401 must say how to authenticate (RFC 9110 15.5.2), a failed signin included.
+    return HTTPException(401, "Invalid username or password", headers={"WWW-Authenticate": 'Bearer realm="users"'})
+
+
+# --- the signin throttle ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Failed password checks allowed per (address, username) and per address, in `window` seconds.
+    A limit of 0 turns that rule off."""
+
+    user_limit: int
+    address_limit: int
+    window: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A password attempt, counted by count_attempt before the password was checked."""
+
+    address: str
+    username: str
+    address_window: datetime | None  # the per-address window it was counted in, if that rule is on
+
+    async def succeeded(self, session: AsyncSession) -> None:
+        """The password was right: clear this username's count for this address, and take this
+        attempt back from the address's count. In the request's session: it commits with the 2xx."""
+        store = SigninFailureStore(session)
+        await store.clear(self.address, self.username)
+        if self.address_window is not None:
+            await store.uncount(self.address, "", self.address_window)
+
+
+def client_address(request: Request) -> str:
+    """The address uvicorn reports (it honours X-Forwarded-For only from FORWARDED_ALLOW_IPS)."""
+    host = request.client.host if request.client else ""
+    return (host or "unknown")[:ADDRESS_LENGTH]
+
+
+async def count_attempt(request: Request, username: str) -> Attempt:
+    """Count a password attempt for the throttle before the password is checked, so that
+    concurrent guesses cannot all get through; over a limit, a 429 (and no hash is spent).
+
+    The one write the service keeps whatever the request answers (a failed signin is a 401, and
+    the middleware rolls every 4xx back): the throttle's own bookkeeping, committed at once in a
+    short transaction of its own. Windows that have passed are purged on the way.
+    """
+    throttle: Throttle = request.state.throttle
+    address = client_address(request)
+    rules = [(name, limit) for name, limit in ((username, throttle.user_limit), ("", throttle.address_limit)) if limit]
+    if not rules:
+        return Attempt(address, username, None)
+    now, window = datetime.now(UTC), timedelta(seconds=throttle.window)
+    waits, address_window = [], None
+    async with transaction(request.state.write_sessionmaker) as session:
+        store = SigninFailureStore(session)
+        await store.purge(now - window)
+        for name, limit in rules:
+            failures, window_start = await store.count(address, name, now, window)
+            if name == "":
+                address_window = window_start
+            if failures > limit:
+                waits.append(math.ceil((window_start + window - now).total_seconds()))
+    if waits:
+        seconds = max(1, *waits)
+        raise HTTPException(
+            429, f"Too many failed attempts; try again in {seconds} seconds.", headers={"Retry-After": str(seconds)}
+        )
+    return Attempt(address, username, address_window)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class Settings:
     secret_key: str | None = None
     access_token_ttl: int = 15 * 60
     refresh_token_ttl: int = 7 * 24 * 3600
+    signin_failure_limit: int = 5
+    signin_address_failure_limit: int = 50
+    signin_failure_window: int = 900
     web_concurrency: int = 1
     application_name: str = "users"
     pgbouncer: bool = False
@@ -68,6 +71,11 @@ class Settings:
             secret_key=config("SECRET_KEY", default=None) or None,
             access_token_ttl=config("ACCESS_TOKEN_TTL", cast=int, default=cls.access_token_ttl),
             refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
+            signin_failure_limit=config("SIGNIN_FAILURE_LIMIT", cast=int, default=cls.signin_failure_limit),
+            signin_address_failure_limit=config(
+                "SIGNIN_ADDRESS_FAILURE_LIMIT", cast=int, default=cls.signin_address_failure_limit
+            ),
+            signin_failure_window=config("SIGNIN_FAILURE_WINDOW", cast=int, default=cls.signin_failure_window),
             web_concurrency=config("WEB_CONCURRENCY", cast=int, default=cls.web_concurrency),
             application_name=config("DB_APPLICATION_NAME", default=cls.application_name),
             pgbouncer=config("DB_PGBOUNCER", cast=bool, default=cls.pgbouncer),

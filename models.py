@@ -40,6 +40,8 @@ def email_key(email: str) -> str:
 
 # Case folding can lengthen a string (ß becomes ss); this is room for any 254-character address.
 EMAIL_KEY_LENGTH = 762
+# Room for any IPv6 address with a zone; longer "addresses" (from a proxy's header) are cut to it.
+ADDRESS_LENGTH = 64
 
 
 class Base(DeclarativeBase):
@@ -81,3 +83,19 @@ class RevokedToken(Base):
 
     jti: Mapped[str] = mapped_column(String(32))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class SigninFailure(Base):
+    """Failed password checks counted for the signin throttle, in a fixed window from the first.
+
+    One row per (client address, username) for the per-user rule, and one per address with
+    `username = ''` for the per-address rule (a signin's username is never empty).
+    """
+
+    __tablename__ = "signin_failures"
+    __table_args__ = (PrimaryKeyConstraint("address", "username", name="pk_signin_failures"),)
+
+    address: Mapped[str] = mapped_column(String(ADDRESS_LENGTH))
+    username: Mapped[str] = mapped_column(String(100))
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    failures: Mapped[int] = mapped_column(Integer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from datetime import datetime
 from itertools import permutations
 from typing import Annotated, Literal
@@ -19,6 +21,38 @@ NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
 _CLASSES = ("A-Z", "a-z", "0-9", r"^A-Za-z0-9\x00-\x1f\x7f")
 _ANY = r"[^\x00-\x1f\x7f]*"
 PASSWORD_PATTERN = "^(?:{}){}$".format("|".join(f"{_ANY}[{a}]{_ANY}[{b}]" for a, b in permutations(_CLASSES, 2)), _ANY)
+
+# The most common passwords: the first 1,000 of zxcvbn's list (xato's 30,000 most used passwords,
+# by frequency), in any mix of case, with up to four digits or symbols added ("Password1!"). One
+# regular expression, so that the OpenAPI document can state the very rule the code applies.
+COMMON_PASSWORDS = 1000
+COMMON_SUFFIX = r"[0-9!@#$%^&*._?+=-]{0,4}"
+COMMON_PASSWORD_RULE = "one of the most common passwords, or one with a few digits or symbols added: choose another"
+
+
+@functools.cache
+def common_password_pattern() -> str:
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # 30 ms to import: only when first needed
+
+    def any_case(word: str) -> str:  # [Pp][Aa]..., and \xHH for symbols: the same in Python, Rust and ECMA
+        return "".join(
+            f"[{c.upper()}{c.lower()}]" if c.isalpha() else c if c.isdigit() else f"\\x{ord(c):02x}" for c in word
+        )
+
+    words = sorted({w for w in FREQUENCY_LISTS["passwords"][:COMMON_PASSWORDS] if w.isascii()}, key=len, reverse=True)
+    return "^(?:" + "|".join(map(any_case, words)) + ")" + COMMON_SUFFIX + "$"
+
+
+@functools.cache
+def _common_password() -> re.Pattern[str]:
+    return re.compile(common_password_pattern())
+
+
+def _not_common(password: str) -> str:
+    if _common_password().match(password):
+        raise ValueError(f"this is {COMMON_PASSWORD_RULE}")
+    return password
+
 
 # What each pattern means, for error messages a person can act on.
 PATTERN_RULES = {
@@ -41,7 +75,12 @@ Username = Annotated[str, StringConstraints(pattern=USERNAME_PATTERN)]
 NewUsername = Annotated[
     Username, AfterValidator(_not_reserved), Field(json_schema_extra={"not": {"enum": list(RESERVED_USERNAMES)}})
 ]
-Password = Annotated[str, StringConstraints(min_length=8, max_length=20, pattern=PASSWORD_PATTERN)]
+Password = Annotated[
+    str,
+    StringConstraints(min_length=8, max_length=64, pattern=PASSWORD_PATTERN),
+    AfterValidator(_not_common),
+    Field(json_schema_extra={"not": {"$ref": "#/components/schemas/CommonPassword"}}),
+]
 Address = Annotated[str, StringConstraints(max_length=100, pattern=NO_CONTROL_CHARACTERS)]
 PhoneNumber = Annotated[str, StringConstraints(pattern=PHONE_PATTERN)]
 AnyPassword = Annotated[str, StringConstraints(max_length=100)]  # checked against the hash, not the rules
@@ -62,7 +101,8 @@ class Signup(Input):
 
 
 class Signin(Input):
-    username: Annotated[str, StringConstraints(max_length=100)]
+    # Any string a username could be, and more (a wrong one is a 401, not a 400); never empty.
+    username: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_CONTROL_CHARACTERS)]
     password: AnyPassword
 
 

@@ -8,13 +8,14 @@ change that committed in between (a lost update), and a row that is gone is "not
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, select, update
+from sqlalchemy import Row, bindparam, case, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models import RevokedToken, User, email_key
+from models import RevokedToken, SigninFailure, User, email_key
 
 # Built once: the hot lookups skip constructing (and cache-keying) a statement per request.
 BY_USERNAME = select(User).where(User.username == bindparam("username"))
@@ -117,3 +118,52 @@ class RevokedTokenStore:
         await self.session.execute(delete(RevokedToken).where(RevokedToken.expires_at < datetime.now(UTC)))
         self.session.add(RevokedToken(jti=jti, expires_at=expires_at))
         await self.session.flush()
+
+
+class SigninFailureStore:
+    """The signin throttle's counts: failures per (address, username) in a window from the first."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def count(self, address: str, username: str, now: datetime, window: timedelta) -> tuple[int, datetime]:
+        """Count one more, in the current window or in a new one if it has passed, in one atomic
+        statement (so that concurrent attempts cannot all read the same count): (count, window start)."""
+        dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
+        expired = SigninFailure.window_start <= now - window
+        statement = (
+            dialect.insert(SigninFailure)
+            .values(address=address, username=username, window_start=now, failures=1)
+            .on_conflict_do_update(
+                index_elements=[SigninFailure.address, SigninFailure.username],
+                set_={
+                    "failures": case((expired, 1), else_=SigninFailure.failures + 1),
+                    "window_start": case((expired, now), else_=SigninFailure.window_start),
+                },
+            )
+            .returning(SigninFailure.failures, SigninFailure.window_start)
+        )
+        failures, window_start = (await self.session.execute(statement)).one()
+        return failures, window_start
+
+    async def uncount(self, address: str, username: str, window_start: datetime) -> None:
+        """Take back one count made in that window (it was not a failure after all)."""
+        await self.session.execute(
+            update(SigninFailure)
+            .where(
+                SigninFailure.address == address,
+                SigninFailure.username == username,
+                SigninFailure.window_start == window_start,
+                SigninFailure.failures > 0,
+            )
+            .values(failures=SigninFailure.failures - 1)
+        )
+
+    async def clear(self, address: str, username: str) -> None:
+        await self.session.execute(
+            delete(SigninFailure).where(SigninFailure.address == address, SigninFailure.username == username)
+        )
+
+    async def purge(self, before: datetime) -> None:
+        """Windows that started before `before` count for nothing any more."""
+        await self.session.execute(delete(SigninFailure).where(SigninFailure.window_start < before))

@@ -81,7 +81,7 @@ SCENARIOS = {
     "signup": (
         'local u = string.format("%s%02d%07d", prefix, tid, counter)\n'
         '  return wrk.format("POST", "/api/users/signup", {["Content-Type"] = "application/json"},'
-        ' string.format(\'{"username": "%s", "password": "Secret123!", "email": "%s@example.com"}\', u, u))'
+        ' string.format(\'{"username": "%s", "password": "Kiwi-Tango-57", "email": "%s@example.com"}\', u, u))'
     ),
 }
 
@@ -184,7 +184,7 @@ class Postgres:
             "INSERT INTO users (username, email, password_hash, created_at) "
             "SELECT format('user%s', lpad(i::text, 7, '0')), format('user%s@example.com', i), $1, now() "
             "FROM generate_series($2::int, $3::int) AS i",
-            hasher.hash("Secret123!"),
+            hasher.hash("Kiwi-Tango-57"),
             have + 1,
             users,
         )
@@ -232,7 +232,7 @@ def read_after_write(app: App, prefix: str, pairs: int) -> int:
     with httpx.Client(base_url=app.url, limits=httpx.Limits(max_connections=1)) as client:
         for i in range(pairs):
             name = f"{prefix}raw{i:05d}"
-            body = {"username": name, "password": "Secret123!", "email": f"{name}@example.com"}
+            body = {"username": name, "password": "Kiwi-Tango-57", "email": f"{name}@example.com"}
             assert client.post("/api/users/signup", json=body).status_code == 201
             misses += client.get(f"/api/users/{name}").status_code == 404
     return misses
@@ -246,7 +246,7 @@ def bare_hash_rate(seconds: float) -> float:
     def work() -> None:
         n = 0
         while time.monotonic() < stop:
-            hasher.hash("Secret123!")
+            hasher.hash("Kiwi-Tango-57")
             n += 1
         counts.append(n)
 

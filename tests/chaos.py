@@ -250,7 +250,7 @@ class Outcome:
 
 
 async def sign_up(client: httpx.AsyncClient, username: str, patience: float = 30) -> Outcome:
-    body = {"username": username, "password": "Secret123!", "email": f"{username}@example.com"}
+    body = {"username": username, "password": "Kiwi-Tango-57", "email": f"{username}@example.com"}
     start = time.monotonic()
     try:
         response = await client.post("/api/users/signup", json=body, timeout=patience)

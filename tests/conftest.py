@@ -182,7 +182,7 @@ class Database:
 
 
 def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
-    return {"username": username, "password": "Secret123!", "email": f"{username}@example.com", **overrides}
+    return {"username": username, "password": "Kiwi-Tango-57", "email": f"{username}@example.com", **overrides}
 
 
 # --- the subprocess fixture of docs/testing.md (kept verbatim there; a test checks) ----------

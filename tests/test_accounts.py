@@ -30,7 +30,7 @@ def settings(database_url: str) -> Settings:
 
 async def sign_up_and_in(client: httpx.AsyncClient, username: str = "alice") -> dict[str, str]:
     assert (await client.post("/api/users/signup", json=signup_body(username))).status_code == 201
-    response = await client.post("/api/users/signin", json={"username": username, "password": "Secret123!"})
+    response = await client.post("/api/users/signin", json={"username": username, "password": "Kiwi-Tango-57"})
     assert response.status_code == 200
     tokens: dict[str, str] = response.json()
     return tokens
@@ -65,7 +65,7 @@ async def test_signin_answers_a_signed_token_pair(client: httpx.AsyncClient) -> 
     assert access["jti"] != refresh["jti"]
 
 
-@pytest.mark.parametrize(("username", "password"), [("alice", "Wrong123!"), ("nobody", "Secret123!"), ("alice", "")])
+@pytest.mark.parametrize(("username", "password"), [("alice", "Wrong123!"), ("nobody", "Kiwi-Tango-57"), ("alice", "")])
 async def test_signin_with_a_wrong_password_or_unknown_user_is_the_same_401(
     client: httpx.AsyncClient, username: str, password: str
 ) -> None:
@@ -82,15 +82,15 @@ async def test_signin_with_a_malformed_body_is_400(client: httpx.AsyncClient, bo
 
 async def test_signin_upgrades_a_hash_made_with_older_parameters(client: httpx.AsyncClient, db: Database) -> None:
     await client.post("/api/users/signup", json=signup_body("alice"))
-    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Secret123!")
+    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-57")
     await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
 
-    response = await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})
+    response = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
 
     assert response.status_code == 200
     upgraded = await db.scalar("SELECT password_hash FROM users")
     assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
-    assert (await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})).is_success
+    assert (await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})).is_success
 
 
 async def test_me_answers_the_private_profile(client: httpx.AsyncClient) -> None:
@@ -279,7 +279,7 @@ async def test_address_limit_is_inclusive(client: httpx.AsyncClient) -> None:
 
 async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient) -> None:
     tokens = await sign_up_and_in(client)
-    body = {"old_password": "Secret123!", "new_password": "Better456?"}
+    body = {"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}
 
     response = await client.put("/api/users/me/password", json=body, headers=bearer(tokens["access_token"]))
 
@@ -287,7 +287,7 @@ async def test_changing_the_password_ends_every_earlier_token(client: httpx.Asyn
     assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
     refreshed = await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"]))
     assert_401(refreshed, "Token is no longer valid")
-    old = await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})
+    old = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
     assert old.status_code == 401
     new = await client.post("/api/users/signin", json={"username": "alice", "password": "Better456?"})
     assert (await client.get("/api/users/me", headers=bearer(new.json()["access_token"]))).status_code == 200
@@ -296,10 +296,10 @@ async def test_changing_the_password_ends_every_earlier_token(client: httpx.Asyn
 @pytest.mark.parametrize(
     ("body", "status"),
     [
-        ({"old_password": "Wrong123!", "new_password": "Better456?"}, 401),
-        ({"old_password": "Secret123!", "new_password": "weak"}, 400),
-        ({"old_password": "Secret123!", "new_password": "alllowercase"}, 400),
-        ({"old_password": "Secret123!"}, 400),
+        ({"old_password": "Wrong123!", "new_password": "Better456?"}, 400),
+        ({"old_password": "Kiwi-Tango-57", "new_password": "weak"}, 400),
+        ({"old_password": "Kiwi-Tango-57", "new_password": "alllowercase"}, 400),
+        ({"old_password": "Kiwi-Tango-57"}, 400),
     ],
 )
 async def test_a_refused_password_change_changes_nothing(
@@ -311,7 +311,7 @@ async def test_a_refused_password_change_changes_nothing(
 
     assert response.status_code == status
     assert (await client.get("/api/users/me", headers=bearer(tokens["access_token"]))).status_code == 200
-    signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})
+    signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
     assert signin.status_code == 200
 
 

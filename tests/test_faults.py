@@ -291,7 +291,7 @@ async def test_clients_that_disconnect_leave_nothing_checked_out(
 
     async def hang_up(i: int) -> None:
         username = f"gone{i:04d}"
-        body = f'{{"username": "{username}", "password": "Secret123!", "email": "{username}@example.com"}}'.encode()
+        body = f'{{"username": "{username}", "password": "Kiwi-Tango-57", "email": "{username}@example.com"}}'.encode()
         head = (
             f"POST /api/users/signup HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"

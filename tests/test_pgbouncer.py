@@ -78,9 +78,11 @@ async def burst(url: str, prefix: str) -> tuple[list[Outcome], list[int]]:
 async def test_two_workers_work_through_pgbouncer_with_the_flag(start_service: Callable[..., Service]) -> None:
     service = start_service(DB_PGBOUNCER="true", WEB_CONCURRENCY="2")
     async with httpx.AsyncClient(base_url=service.url) as client:
-        body = {"username": "alice", "password": "Secret123!", "email": "alice@example.com"}
+        body = {"username": "alice", "password": "Kiwi-Tango-57", "email": "alice@example.com"}
         assert (await client.post("/api/users/signup", json=body)).status_code == 201
-        tokens = (await client.post("/api/users/signin", json={"username": "alice", "password": "Secret123!"})).json()
+        tokens = (
+            await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
+        ).json()
         me = await client.get("/api/users/me", headers={"Authorization": f"Bearer {tokens['access_token']}"})
         assert me.json()["username"] == "alice"
         refreshed = await client.post(

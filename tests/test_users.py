@@ -8,6 +8,9 @@ import httpx
 import pytest
 
 from conftest import Database, signup_body
+from db import SchemaRevisions
+
+HEAD = SchemaRevisions.from_migrations().head
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +26,7 @@ async def test_signup_creates_the_user_and_answers_the_private_profile(client: h
     assert body["created_at"].endswith("Z")
     stored = await db.scalar("SELECT password_hash FROM users WHERE username = 'alice'")
     assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
-    assert "Secret123!" not in stored
+    assert "Kiwi-Tango-57" not in stored
 
 
 async def test_a_committed_signup_is_visible_to_the_next_request(client: httpx.AsyncClient) -> None:
@@ -58,7 +61,7 @@ async def test_usernames_match_exactly_as_typed(client: httpx.AsyncClient) -> No
         ({"username": "signup"}, "username"),
         ({"username": 12345}, "username"),
         ({"password": "Short1!"}, "password"),
-        ({"password": "Aa1!" * 5 + "x"}, "password"),
+        ({"password": "Aa1!" * 16 + "x"}, "password"),
         ({"password": "alllowercase"}, "password"),
         ({"password": "12345678"}, "password"),
         ({"password": None}, "password"),
@@ -180,4 +183,4 @@ async def test_malformed_list_query_is_400(client: httpx.AsyncClient, query: str
 
 async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    assert (await client.get("/readyz")).json() == {"status": "ready", "revision": "0003"}
+    assert (await client.get("/readyz")).json() == {"status": "ready", "revision": HEAD}
