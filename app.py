@@ -16,23 +16,23 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from auth import (
     Throttle,
-    Tokens,
     authenticate,
     bad_credentials,
     count_attempt,
     hash_limiter,
     hash_password,
     hasher,
+    make_tokens,
     no_longer_valid,
     revoke,
     token_claims,
-    token_secret,
     verify_password,
 )
 from db import (
@@ -252,7 +252,7 @@ routes = [
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_environ()
-    tokens = Tokens(token_secret(settings), settings.access_token_ttl, settings.refresh_token_ttl)
+    tokens = make_tokens(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -279,10 +279,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if bound.cancelled_caught:
                 logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
 
+    # Outermost first. CORS wraps everything, so that its headers are on every answer (a 408 or 413
+    # included); the body is read whole before the session is made, so no transaction waits on a client.
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Retry-After", "WWW-Authenticate"],
+        max_age=600,
+    )
     return Starlette(
         routes=routes,
-        # The body is read whole before the session is made, so no transaction waits on a client.
         middleware=[
+            *([cors] if settings.cors_allow_origins else []),
             Middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout),
             Middleware(DBSessionMiddleware),
         ],

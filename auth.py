@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -147,13 +148,24 @@ class Claims:
     version: int
 
 
+def key_id(key: str) -> str:
+    """A token's `kid`: a short fingerprint that names its key without revealing it."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Tokens:
-    """Issues and checks the access/refresh JWT pair (HS256 with the service's SECRET_KEY)."""
+    """Issues and checks the access/refresh JWT pair: HS256, signed with SECRET_KEY, checked with
+    it or with one of SECRET_KEY_FALLBACKS (earlier keys, while a rotation is under way)."""
 
     secret: str
     access_ttl: int
     refresh_ttl: int
+    fallbacks: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def keys(self) -> dict[str, str]:
+        return {key_id(key): key for key in (self.secret, *self.fallbacks)}
 
     def issue(self, user_id: int, version: int) -> dict[str, str]:
         return {
@@ -172,13 +184,17 @@ class Tokens:
             "iat": now,
             "exp": now + timedelta(seconds=ttl),
         }
-        return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
+        return jwt.encode(claims, self.secret, algorithm=ALGORITHM, headers={"kid": key_id(self.secret)})
 
     def check(self, token: str, token_type: TokenType) -> Claims:
-        """The token's claims, or a 401 if it is malformed, tampered with, expired or of the wrong type."""
+        """The token's claims, or a 401 if it is malformed, tampered with, expired, of the wrong type,
+        or signed with a key that is neither SECRET_KEY nor one of its fallbacks."""
         try:
             claims = jwt.decode(
-                token, self.secret, algorithms=[ALGORITHM], options={"require": ["sub", "typ", "jti", "iat", "exp"]}
+                token,
+                self._key_for(token),
+                algorithms=[ALGORITHM],
+                options={"require": ["sub", "typ", "jti", "iat", "exp"]},
             )
         except jwt.ExpiredSignatureError:
             raise unauthorized("Token has expired") from None
@@ -193,6 +209,21 @@ class Tokens:
         except (TypeError, ValueError):
             raise unauthorized("Token is invalid") from None
         return Claims(user_id, token_type, str(claims["jti"]), datetime.fromtimestamp(claims["exp"], UTC), version)
+
+    def _key_for(self, token: str) -> str:
+        """The key the token's `kid` names. A token without one (issued before keys had ids) is
+        tried with each key in turn."""
+        kid = jwt.get_unverified_header(token).get("kid")
+        if kid is None:
+            for key in self.keys.values():
+                try:
+                    jwt.decode(token, key, algorithms=[ALGORITHM], options={"verify_exp": False})
+                    return key
+                except jwt.InvalidSignatureError:
+                    continue
+        elif isinstance(kid, str) and kid in self.keys:
+            return self.keys[kid]
+        raise jwt.InvalidSignatureError("signed with a key that is neither SECRET_KEY nor one of its fallbacks")
 
 
 # --- authenticating a request ----------------------------------------------------------------
@@ -232,6 +263,15 @@ async def revoke(request: Request, claims: Claims) -> None:
         await revoked.revoke(claims.jti, claims.expires_at)
     except IntegrityError:  # the same token, used twice at once: only one use wins
         raise unauthorized("Token has been revoked") from None
+
+
+def make_tokens(settings: Settings) -> Tokens:
+    for fallback in settings.secret_key_fallbacks:
+        if len(fallback.encode()) < 32:
+            raise RuntimeError("Each of SECRET_KEY_FALLBACKS must be at least 32 bytes long, as SECRET_KEY.")
+    return Tokens(
+        token_secret(settings), settings.access_token_ttl, settings.refresh_token_ttl, settings.secret_key_fallbacks
+    )
 
 
 def token_secret(settings: Settings) -> str:

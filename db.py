@@ -45,6 +45,8 @@ class Settings:
     max_body_bytes: int = 65536
     body_timeout: float = 10.0
     secret_key: str | None = None
+    secret_key_fallbacks: tuple[str, ...] = ()
+    cors_allow_origins: tuple[str, ...] = ()
     access_token_ttl: int = 15 * 60
     refresh_token_ttl: int = 7 * 24 * 3600
     signin_failure_limit: int = 5
@@ -69,6 +71,8 @@ class Settings:
             max_body_bytes=config("MAX_BODY_BYTES", cast=int, default=cls.max_body_bytes),
             body_timeout=config("BODY_TIMEOUT", cast=float, default=cls.body_timeout),
             secret_key=config("SECRET_KEY", default=None) or None,
+            secret_key_fallbacks=config("SECRET_KEY_FALLBACKS", cast=comma_separated, default=""),
+            cors_allow_origins=config("CORS_ALLOW_ORIGINS", cast=comma_separated, default=""),
             access_token_ttl=config("ACCESS_TOKEN_TTL", cast=int, default=cls.access_token_ttl),
             refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
             signin_failure_limit=config("SIGNIN_FAILURE_LIMIT", cast=int, default=cls.signin_failure_limit),
@@ -80,6 +84,10 @@ class Settings:
             application_name=config("DB_APPLICATION_NAME", default=cls.application_name),
             pgbouncer=config("DB_PGBOUNCER", cast=bool, default=cls.pgbouncer),
         )
+
+
+def comma_separated(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def async_url(url: str) -> URL:

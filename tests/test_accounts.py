@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,8 +18,11 @@ import jwt
 import pytest
 from argon2 import PasswordHasher
 from asgi_lifespan import LifespanManager
+from starlette.exceptions import HTTPException
 
 from app import create_app
+from auth import Tokens, key_id
+from chaos import Service
 from conftest import Database, signup_body
 from db import Settings
 
@@ -366,3 +374,92 @@ def test_a_short_secret_key_is_refused() -> None:
 def test_without_a_secret_key_several_workers_refuse_to_start() -> None:
     with pytest.raises(RuntimeError, match="SECRET_KEY is not set and WEB_CONCURRENCY > 1"):
         create_app(Settings(secret_key=None, web_concurrency=2))
+
+
+# --- key rotation -----------------------------------------------------------------------------
+
+OLD_KEY, NEW_KEY = "the-old-key-" + "o" * 32, "the-new-key-" + "n" * 32
+
+
+def test_tokens_name_their_key_by_a_fingerprint_not_the_key() -> None:
+    tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,)).issue(1, 0)
+    for token in (tokens["access_token"], tokens["refresh_token"]):
+        header = jwt.get_unverified_header(token)
+        assert header["kid"] == key_id(NEW_KEY) != key_id(OLD_KEY)
+        assert len(header["kid"]) == 16
+        assert NEW_KEY not in token
+        assert header["kid"] not in NEW_KEY
+
+
+@pytest.mark.parametrize(
+    ("signed_with", "kid", "accepted"),
+    [
+        (NEW_KEY, "new", True),
+        (OLD_KEY, "old", True),  # a fallback: tokens from before the rotation still work
+        (OLD_KEY, None, True),  # no kid (issued before keys had ids): each key is tried
+        (NEW_KEY, "old", False),  # the kid names one key, the signature is another's
+        ("a-key-in-neither-setting-" + "x" * 32, None, False),
+        ("a-key-in-neither-setting-" + "x" * 32, "unknown", False),
+        (NEW_KEY, ["not", "a", "string"], False),
+    ],
+)
+def test_a_token_is_checked_with_the_key_its_kid_names(signed_with: str, kid: Any, accepted: bool) -> None:
+    tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,))
+    kids = {"new": key_id(NEW_KEY), "old": key_id(OLD_KEY)}
+    claims = {"sub": "1", "typ": "access", "jti": "x", "iat": 0, "exp": 9e9, "ver": 0}
+    header = {"alg": "HS256", "typ": "JWT"} | (
+        {} if kid is None else {"kid": kids.get(kid, kid) if isinstance(kid, str) else kid}
+    )
+    token = signed(header, claims, signed_with)
+    if accepted:
+        assert tokens.check(token, "access").user_id == 1
+    else:
+        with pytest.raises(HTTPException) as refused:
+            tokens.check(token, "access")
+        assert (refused.value.status_code, refused.value.detail) == (401, "Token is invalid")
+
+
+def signed(header: dict[str, Any], claims: dict[str, Any], key: str) -> str:
+    """A JWT made by hand, so that its header can hold what PyJWT would refuse to write."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{part(json.dumps(header).encode())}.{part(json.dumps(claims).encode())}"
+    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{part(signature)}"
+
+
+def test_a_short_fallback_key_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="SECRET_KEY_FALLBACKS must be at least 32 bytes"):
+        create_app(Settings(secret_key=NEW_KEY, secret_key_fallbacks=("short",)))
+
+
+@pytest.mark.e2e
+async def test_rotating_the_key_across_restarts_signs_nobody_out_until_the_fallback_is_dropped(
+    database_url: str, tmp_path: Path
+) -> None:
+    def start(**settings: str) -> Service:
+        return Service(database_url, tmp_path / "service.log", **settings)
+
+    service = start(SECRET_KEY=OLD_KEY)
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        before = await sign_up_and_in(client)
+    service.stop()
+
+    service = start(SECRET_KEY=NEW_KEY, SECRET_KEY_FALLBACKS=f"{OLD_KEY}, ")  # put the old key aside, restart
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        assert (await client.get("/api/users/me", headers=bearer(before["access_token"]))).status_code == 200
+        refreshed = await client.post("/api/users/refresh", headers=bearer(before["refresh_token"]))
+        assert refreshed.status_code == 200
+        after = refreshed.json()
+        assert jwt.get_unverified_header(after["access_token"])["kid"] == key_id(NEW_KEY)
+    service.stop()
+
+    service = start(SECRET_KEY=NEW_KEY)  # REFRESH_TOKEN_TTL later: the fallback goes
+    try:
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            assert_401(await client.get("/api/users/me", headers=bearer(before["access_token"])), "Token is invalid")
+            assert (await client.get("/api/users/me", headers=bearer(after["access_token"]))).status_code == 200
+    finally:
+        service.stop()
