@@ -32,7 +32,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ValidationError)
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    errors = exc.errors(include_url=False, include_input=False)
     if any(error["type"] == "json_invalid" for error in errors):
         return error_response(400, "Request body is not valid JSON.")
     if any(error["loc"] == () for error in errors):
@@ -42,7 +42,7 @@ async def validation_error(request: Request, exc: Exception) -> Response:
         field = str(error["loc"][0])  # the models are flat; deeper parts name union branches
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "string_pattern_mismatch":
-            message = PATTERN_RULES.get(field, message)
+            message = PATTERN_RULES.get(error.get("ctx", {}).get("pattern", ""), message)
         fields.setdefault(field, message)  # one message per field: the first branch's
     return invalid_fields([{"field": field, "message": message} for field, message in fields.items()])
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas import (
+    COMMON_PASSWORD_RULE,
     Error,
     ListQuery,
     Page,
@@ -25,6 +26,7 @@ from schemas import (
     Signup,
     Status,
     TokenPair,
+    common_password_pattern,
 )
 
 ERRORS = {
@@ -35,6 +37,7 @@ ERRORS = {
     409: "The username or email is taken; nothing was written.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not sent as application/json.",
+    429: "Too many failed attempts from this address; retry after Retry-After seconds. No password was checked.",
     500: "An internal error, or the commit failed; nothing was written unless the outcome is in doubt.",
     503: "The database cannot be reached or has no free connection; retry after Retry-After seconds.",
 }
@@ -73,7 +76,7 @@ OPERATIONS = (
     ),
     Operation(
         "post", "/api/users/signin", "signin", "Get an access and a refresh token", 200, TokenPair,
-        (*BODY_ERRORS, 401), body=Signin,
+        (*BODY_ERRORS, 401, 429), body=Signin,
     ),
     Operation(
         "post", "/api/users/refresh", "refresh", "Trade a refresh token for a new pair (the old one is revoked)",
@@ -88,7 +91,8 @@ OPERATIONS = (
     Operation("delete", "/api/users/me", "deleteMe", "Delete your account", 204, None, (401,), auth=True),
     Operation(
         "put", "/api/users/me/password", "changePassword", "Change your password (earlier tokens stop working)",
-        204, None, (*BODY_ERRORS, 401), body=PasswordChange, auth=True,
+        204, None, (*BODY_ERRORS, 401, 429), body=PasswordChange, auth=True,
+        error_notes={400: "The body is malformed, a field is invalid, or old_password is wrong; nothing was written."},
     ),
     Operation("get", "/api/users", "listUsers", "Public profiles by username", 200, Page, (400,), query=ListQuery),
     Operation("get", "/api/users/{username}", "getUser", "A public profile", 200, PublicProfile, (404,)),
@@ -127,8 +131,8 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         responses[str(status)] = _json(ref[Error], op.error_notes.get(status, ERRORS[status]))
         if status == 401:
             responses["401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
-        if status == 503:
-            responses["503"]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
+        if status in (429, 503):
+            responses[str(status)]["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
     document: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "responses": responses}
     if op.body is not None:
         document["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref[op.body]}}}
@@ -136,8 +140,7 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         document["parameters"] = _query_parameters(op.query)
     if op.path == "/api/users/{username}":
         document["parameters"] = [{"name": "username", "in": "path", "required": True, "schema": {"type": "string"}}]
-    if op.auth:
-        document["security"] = [{"bearer": []}]
+    document["security"] = [{"bearer": []}] if op.auth else []  # [] says "public", where absent says nothing
     return document
 
 
@@ -157,10 +160,23 @@ def openapi_document() -> dict[str, Any]:
         paths.setdefault(op.path, {})[op.method] = _operation(op, ref)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "users", "version": "1.0.0", "description": "A small user-account service."},
+        "info": {
+            "title": "users",
+            "version": "1.0.0",
+            "description": "A small user-account service.",
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "servers": [{"url": "/", "description": "The service that serves this document"}],
         "paths": paths,
         "components": {
-            "schemas": definitions["$defs"],
+            "schemas": {
+                **definitions["$defs"],
+                "CommonPassword": {
+                    "type": "string",
+                    "pattern": common_password_pattern(),
+                    "description": f"A password that is {COMMON_PASSWORD_RULE}.",
+                },
+            },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }

@@ -6,9 +6,10 @@ import functools
 import re
 from datetime import datetime
 from itertools import permutations
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
@@ -54,17 +55,6 @@ def _not_common(password: str) -> str:
     return password
 
 
-# What each pattern means, for error messages a person can act on.
-PATTERN_RULES = {
-    "username": "use 3 to 20 letters, digits, '_' or '-'",
-    "password": "use at least two of: uppercase, lowercase, digit, other (no control characters)",
-    "new_password": "use at least two of: uppercase, lowercase, digit, other (no control characters)",
-    "phone_number": "use 010 followed by 8 digits",
-    "address": "control characters are not allowed",
-    "after": "use a username: 3 to 20 letters, digits, '_' or '-'",
-}
-
-
 def _not_reserved(username: str) -> str:
     if username in RESERVED_USERNAMES:
         raise ValueError("this username is reserved")
@@ -92,12 +82,46 @@ class Input(BaseModel):
 
 
 EMAIL_RULE = "A deliverable address: special-use domains such as .test, .local or .invalid are refused."
+# What email-validator accepts, said in JSON Schema so that clients and fuzzers know it too: a
+# dot-atom before the @ (no quotes, no specials), a domain of dotted labels with a letter TLD (no
+# IP literal), and not a special-use name (RFC 6761) at its end.
+_ATOM = r"[^\x00-\x20\x22\x7f-\x9f(),.:;<>@\[\\\]]+"
+_LABEL = r"[A-Za-z0-9\u00a1-\uffff](?:[A-Za-z0-9\u00a1-\uffff-]{0,61}[A-Za-z0-9\u00a1-\uffff])?"
+EMAIL_PATTERN = rf"^{_ATOM}(?:\.{_ATOM})*@(?:{_LABEL}\.)+[A-Za-z\u00a1-\uffff]{{2,63}}$"
+SPECIAL_USE_DOMAIN = r"\.(?:{})$".format(
+    "|".join("".join(f"[{c.upper()}{c}]" for c in name) for name in sorted(SPECIAL_USE_DOMAIN_NAMES))
+)
+
+
+# What each pattern means, for error messages a person can act on.
+PATTERN_RULES = {
+    USERNAME_PATTERN: "use 3 to 20 letters, digits, '_' or '-'",
+    PASSWORD_PATTERN: "use at least two of: uppercase, lowercase, digit, other (no control characters)",
+    PHONE_PATTERN: "use 010 followed by 8 digits",
+    NO_CONTROL_CHARACTERS: "control characters are not allowed",
+    EMAIL_PATTERN: "use an address such as name@example.com (no quotes, no IP address after the @)",
+}
+
+
+def _deliverable(email: str) -> str:
+    try:
+        return str(validate_email(email, check_deliverability=False).normalized)
+    except EmailNotValidError as exc:
+        raise ValueError(f"value is not a valid email address: {exc}") from None
+
+
+Email = Annotated[
+    str,
+    StringConstraints(max_length=254, pattern=EMAIL_PATTERN),
+    AfterValidator(_deliverable),
+    Field(description=EMAIL_RULE, json_schema_extra={"format": "email", "not": {"pattern": SPECIAL_USE_DOMAIN}}),
+]
 
 
 class Signup(Input):
     username: NewUsername
     password: Password
-    email: EmailStr = Field(description=EMAIL_RULE)
+    email: Email
 
 
 class Signin(Input):
@@ -106,10 +130,16 @@ class Signin(Input):
     password: AnyPassword
 
 
+def _email_is_optional_not_null(schema: dict[str, Any]) -> None:
+    del schema["properties"]["email"]["default"]  # an absent email is no change; null is refused
+
+
 class ProfileUpdate(Input):
     """Any of the three; `address` and `phone_number` may be null to clear them."""
 
-    email: EmailStr | SkipJsonSchema[None] = Field(default=None, description=EMAIL_RULE)
+    model_config = ConfigDict(json_schema_extra=_email_is_optional_not_null)
+
+    email: Email | SkipJsonSchema[None] = None
     address: Address | None = None
     phone_number: PhoneNumber | None = None
 
@@ -163,11 +193,17 @@ class FieldError(BaseModel):
     message: str
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    del schema["default"]  # absent, not null: a null default would contradict the array type
+
+
 class Error(BaseModel):
     """The body of every error response."""
 
     detail: str
-    errors: list[FieldError] | SkipJsonSchema[None] = Field(default=None, description="Only for invalid fields.")
+    errors: list[FieldError] | SkipJsonSchema[None] = Field(
+        default=None, description="Only for invalid fields.", json_schema_extra=_no_default
+    )
 
 
 class Status(BaseModel):

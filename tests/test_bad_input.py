@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
+from starlette.types import Message
 
 from conftest import Database, signup_body
 
@@ -161,3 +163,118 @@ async def test_a_bad_list_query_is_a_clear_400(client: httpx.AsyncClient, db: Da
     assert response.status_code == 400
     assert_error_shape(response)
     assert response.json()["errors"]
+
+
+# --- strings the database cannot hold -----------------------------------------------------------
+# PostgreSQL refuses a NUL byte in any text value (asyncpg raises, and it used to be a 500), and
+# no database stores a lone UTF-16 surrogate. Each must be a 4xx on every route, in every place a
+# client controls, and write nothing.
+UNSTORABLE = {"NUL": "a\\u0000b", "lone surrogate": "\\ud800", "low surrogate": "a\\udc00b", "long": "x" * 10_000}
+ROUTES_WITH_BODIES = {path: (METHOD[path], VALID[path]) for path in VALID}
+
+
+def with_raw_string(body: dict[str, Any], field: str, escaped: str) -> bytes:
+    """The body as JSON, with `field` set to a JSON string written as given (escapes and all)."""
+    return json.dumps({**body, field: "__placeholder__"}).replace('"__placeholder__"', f'"{escaped}"').encode()
+
+
+UNSTORABLE_BODIES = [
+    (path, field, what, with_raw_string(body, field, escaped))
+    for path, (_, body) in ROUTES_WITH_BODIES.items()
+    for field in body
+    for what, escaped in UNSTORABLE.items()
+    if not (path == "/api/users/signin" and field == "password" and what == "NUL")  # hashed only: next test
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "what", "content"), UNSTORABLE_BODIES, ids=[f"{p} {f} {w}" for p, f, w, _ in UNSTORABLE_BODIES]
+)
+async def test_a_string_the_database_cannot_hold_in_a_body_is_400_with_a_field_error_or_invalid_json(
+    client: httpx.AsyncClient, db: Database, signed_in: dict[str, str], path: str, field: str, what: str, content: bytes
+) -> None:
+    before = await snapshot(db)
+    headers = {"content-type": "application/json", **signed_in}
+
+    response = await client.request(METHOD[path], path, content=content, headers=headers)
+
+    assert response.status_code == 400, response.text
+    assert_error_shape(response)
+    if "surrogate" in what:
+        assert response.json()["detail"] == "Request body is not valid JSON."
+    else:
+        assert [error["field"] for error in response.json()["errors"]] == [field]
+    assert await snapshot(db) == before
+
+
+@pytest.mark.parametrize("password_field", ["signin", "old_password"])
+async def test_a_password_with_a_nul_is_only_ever_hashed_so_it_is_a_wrong_password(
+    client: httpx.AsyncClient, db: Database, signed_in: dict[str, str], password_field: str
+) -> None:
+    # Passwords are never stored, only hashed, so a NUL in one is just a wrong password.
+    if password_field == "signin":
+        response = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi\x00Tango-57"})
+        assert response.status_code == 401
+    else:
+        body = {"old_password": "Kiwi\x00Tango-57", "new_password": "Better-Plum-88"}
+        response = await client.put("/api/users/me/password", json=body, headers=signed_in)
+        assert response.status_code == 400
+        assert response.json()["errors"] == [{"field": "old_password", "message": "is not your current password"}]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/users/ab%00cd",
+        "/api/users/%00",
+        "/api/users/a%ED%A0%80b",
+        "/api/users/%FF%FE",
+        "/api/users/" + "x" * 5000,
+        "/api/users?after=ab%00cd",
+        "/api/users?after=a%ED%A0%80b",
+        "/api/users?limit=%00",
+    ],
+)
+async def test_a_string_the_database_cannot_hold_in_the_path_or_query_is_404_or_400(
+    client: httpx.AsyncClient, db: Database, path: str
+) -> None:
+    before = await snapshot(db)
+    response = await client.get(path)
+    assert response.status_code == (400 if "?" in path else 404), response.text
+    assert_error_shape(response)
+    assert await snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/users/me"),
+        ("POST", "/api/users/refresh"),
+        ("POST", "/api/users/signout"),
+        ("DELETE", "/api/users/me"),
+    ],
+)
+@pytest.mark.parametrize("token", ["a\x00b", "\udcff\udcfe", "x" * 10_000, "e30.e30.\x00"])
+async def test_a_bearer_token_the_database_cannot_hold_is_401(
+    lifespan: LifespanManager, db: Database, method: str, path: str, token: str
+) -> None:
+    # In-process, so that header bytes no HTTP parser would let through still reach the app.
+    before = await snapshot(db)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    header = ("Bearer " + token).encode("utf-8", "surrogateescape")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1234), "headers": [(b"authorization", header)],
+    }  # fmt: skip
+    await lifespan.app(scope, receive, send)
+
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401]
+    assert await snapshot(db) == before

@@ -197,10 +197,11 @@ def two_workers(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Ser
         service.stop()
 
 
-async def timed(client: httpx.AsyncClient, username: str, password: str, address: str) -> tuple[int, float]:
+async def timed(client: httpx.AsyncClient, username: str, password: str, address: str | bytes) -> tuple[int, float]:
     start = time.perf_counter()
+    forwarded = address if isinstance(address, bytes) else address.encode()
     response = await client.post(
-        "/api/users/signin", json={"username": username, "password": password}, headers={"X-Forwarded-For": address}
+        "/api/users/signin", json={"username": username, "password": password}, headers={b"X-Forwarded-For": forwarded}
     )
     return response.status_code, time.perf_counter() - start
 
@@ -239,3 +240,10 @@ async def test_the_address_rule_across_workers_uses_the_forwarded_address(two_wo
         other = await timed(client, "name0", "Wrong-Guess-1", "203.0.113.9")
     assert statuses == [401] * 10 + [429] * 2
     assert other[0] == 401
+
+
+async def test_a_forwarded_address_the_table_cannot_hold_is_cut_to_fit(two_workers: Callable[..., Service]) -> None:
+    service = two_workers()
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+        for address in ("x" * 300, "not-an-address", "2001:db8::1%" + "eth" * 40, "é".encode() * 100):
+            assert (await timed(client, "alice", "Wrong-Guess-1", address))[0] == 401, address
