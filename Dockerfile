@@ -17,7 +17,7 @@ RUN python3 -m venv /opt/venv \
     && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent app
 
 WORKDIR /app
-COPY alembic.ini app.py auth.py db.py errors.py limits.py models.py openapi.py schemas.py stores.py ./
+COPY alembic.ini *.py ./
 COPY migrations ./migrations
 COPY scripts/container-start ./scripts/container-start
 

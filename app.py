@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,172 +20,25 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from auth import (
-    Throttle,
-    authenticate,
-    bad_credentials,
-    count_attempt,
-    hash_limiter,
-    hash_password,
-    hasher,
-    make_tokens,
-    no_longer_valid,
-    revoke,
-    token_claims,
-    verify_password,
-)
-from db import (
-    DBSessionMiddleware,
-    SchemaRevisions,
-    Settings,
-    is_unavailable,
-    make_engine,
-    make_sessionmaker,
-    transaction,
-)
-from errors import (
-    database_error,
-    error_response,
-    http_error,
-    invalid_fields,
-    server_error,
-    validation_error,
-)
-from limits import RequestBodyMiddleware
+from accounts import change_password, me, refresh, signin, signout, signup
+from auth import hash_limiter, make_tokens
+from db import DBSessionMiddleware, SchemaRevisions, is_unavailable, make_engine, make_sessionmaker
+from errors import database_error, error_response, http_error, server_error, validation_error
+from headers import SecurityHeadersMiddleware
+from limits import RequestLimitsMiddleware
 from openapi import openapi_document
-from schemas import (
-    USERNAME_PATTERN,
-    ListQuery,
-    Page,
-    PasswordChange,
-    PrivateProfile,
-    ProfileUpdate,
-    PublicProfile,
-    Signin,
-    Signup,
-    TokenPair,
-)
+from schemas import USERNAME_PATTERN, ListQuery, Page, PublicProfile, model_response
+from settings import Settings
 from stores import UserStore
+from throttle import Throttle
 
 logger = logging.getLogger("users")
 USERNAME = re.compile(USERNAME_PATTERN)
 
 
-def model_response(model: BaseModel, status_code: int = 200) -> Response:
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
-
-
-async def read_json_body(request: Request) -> bytes:
-    """The body of a JSON request (RequestBodyMiddleware has read it already, within its limits)."""
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise HTTPException(415, "Content-Type must be application/json.")
-    return await request.body()
-
-
 # --- routes --------------------------------------------------------------------------------
-
-
-async def signup(request: Request) -> Response:
-    data = Signup.model_validate_json(await read_json_body(request))
-    password_hash = await hash_password(data.password, request.state.hash_limiter)
-    store = UserStore(request.state.session)
-    try:
-        user = await store.create(username=data.username, email=data.email, password_hash=password_hash)
-    except IntegrityError:
-        # The unique constraints decide, so two racing signups cannot both win.
-        if await store.get_by_username(data.username) is not None:
-            raise HTTPException(409, "Username already exists") from None
-        raise HTTPException(409, "Email already exists") from None
-    return model_response(PrivateProfile.model_validate(user), 201)
-
-
-async def signin(request: Request) -> Response:
-    data = Signin.model_validate_json(await read_json_body(request))
-    attempt = await count_attempt(request, data.username)  # a 429 here costs no hash
-    # A short read of its own, so that no connection or transaction is held while the hash runs.
-    async with transaction(request.state.sessionmaker) as session:
-        user = await UserStore(session).get_by_username(data.username)
-    limiter = request.state.hash_limiter
-    if not await verify_password(user.password_hash if user else None, data.password, limiter):
-        raise bad_credentials()
-    assert user is not None
-    # Made with older parameters: upgrade it.
-    new_hash = await hash_password(data.password, limiter) if hasher.check_needs_rehash(user.password_hash) else None
-    # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
-    version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
-    if version is None:
-        raise bad_credentials()
-    await attempt.succeeded(request.state.session)
-    return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, version)))
-
-
-async def refresh(request: Request) -> Response:
-    user, claims = await authenticate(request, "refresh")
-    await revoke(request, claims)  # rotation: this refresh token is spent
-    return model_response(TokenPair.model_validate(request.state.tokens.issue(user.id, user.token_version)))
-
-
-async def signout(request: Request) -> Response:
-    _, claims = await authenticate(request, "refresh")
-    await revoke(request, claims)
-    return Response(status_code=204)
-
-
-async def get_me(request: Request) -> Response:
-    user, _ = await authenticate(request, "access")
-    return model_response(PrivateProfile.model_validate(user))
-
-
-async def update_me(request: Request) -> Response:
-    claims = token_claims(request, "access")
-    data = ProfileUpdate.model_validate_json(await read_json_body(request))
-    try:
-        user = await UserStore(request.state.session).update(
-            claims.user_id, claims.version, data.model_dump(exclude_unset=True)
-        )
-    except IntegrityError:
-        raise HTTPException(409, "Email already exists") from None
-    if user is None:
-        raise no_longer_valid()
-    return model_response(PrivateProfile.model_validate(user))
-
-
-async def change_password(request: Request) -> Response:
-    claims = token_claims(request, "access")
-    data = PasswordChange.model_validate_json(await read_json_body(request))
-    # A short read of its own, so that no connection or transaction is held while the hashes run.
-    async with transaction(request.state.sessionmaker) as session:
-        user = await UserStore(session).current(claims.user_id, claims.version)
-    if user is None:
-        raise no_longer_valid()
-    attempt = await count_attempt(request, user.username)  # a password guess like a signin's
-    limiter = request.state.hash_limiter
-    if not await verify_password(user.password_hash, data.old_password, limiter):
-        # The token is good, so this is not an authentication failure: a client that treats 401
-        # as "signed out" would drop its session over a typo.
-        return invalid_fields([{"field": "old_password", "message": "is not your current password"}])
-    new_hash = await hash_password(data.new_password, limiter)
-    # Only if the token's version is still the user's: a racing change or deletion that committed
-    # first makes this one fail (and ends this token) instead of being overwritten.
-    if not await UserStore(request.state.session).change_password(user.id, claims.version, new_hash):
-        raise no_longer_valid()
-    await attempt.succeeded(request.state.session)
-    return Response(status_code=204)
-
-
-async def delete_me(request: Request) -> Response:
-    claims = token_claims(request, "access")
-    if not await UserStore(request.state.session).delete(claims.user_id, claims.version):
-        raise no_longer_valid()
-    return Response(status_code=204)  # its tokens name a user that is gone
-
-
-async def me(request: Request) -> Response:
-    # One route for the three methods, so that a 405 on /api/users/me lists all of them in Allow.
-    handlers = {"GET": get_me, "HEAD": get_me, "PATCH": update_me, "DELETE": delete_me}
-    return await handlers[request.method](request)
 
 
 async def get_user(request: Request) -> Response:
@@ -250,6 +103,21 @@ routes = [
 # --- the application -------------------------------------------------------------------------
 
 
+class Service(Starlette):
+    """Starlette, with room for middleware outside its ServerErrorMiddleware (which Starlette puts
+    outermost): for what must wrap every answer, the 500s that middleware sends included."""
+
+    def __init__(self, *, outer_middleware: Sequence[Middleware], **kwargs: Any) -> None:
+        self.outer_middleware = outer_middleware
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app = super().build_middleware_stack()
+        for cls, args, kwargs in reversed(self.outer_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_environ()
     tokens = make_tokens(settings)
@@ -279,8 +147,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if bound.cancelled_caught:
                 logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
 
-    # Outermost first. CORS wraps everything, so that its headers are on every answer (a 408 or 413
-    # included); the body is read whole before the session is made, so no transaction waits on a client.
     cors = Middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origins,
@@ -289,11 +155,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         expose_headers=["Retry-After", "WWW-Authenticate"],
         max_age=600,
     )
-    return Starlette(
+    return Service(
         routes=routes,
+        # Outermost first. These wrap even Starlette's own error middleware, so that what they add is
+        # on every answer, a 500 included.
+        outer_middleware=[Middleware(SecurityHeadersMiddleware), *([cors] if settings.cors_allow_origins else [])],
+        # The body is read whole before the session is made, so no transaction waits on a client.
         middleware=[
-            *([cors] if settings.cors_allow_origins else []),
-            Middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout),
+            Middleware(RequestLimitsMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout),
             Middleware(DBSessionMiddleware),
         ],
         exception_handlers={

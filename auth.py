@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import os
 import secrets
 import uuid
@@ -18,14 +17,14 @@ import anyio.to_thread
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from db import Settings, transaction
-from models import ADDRESS_LENGTH, User
-from stores import RevokedTokenStore, SigninFailureStore, UserStore
+from db import transaction
+from models import User
+from settings import Settings
+from stores import TokenFamilyStore, UserStore
 
 logger = logging.getLogger("users")
 
@@ -71,81 +70,15 @@ def bad_credentials() -> HTTPException:
     return HTTPException(401, "Invalid username or password", headers={"WWW-Authenticate": 'Bearer realm="users"'})
 
 
-# --- the signin throttle ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Throttle:
-    """Failed password checks allowed per (address, username) and per address, in `window` seconds.
-    A limit of 0 turns that rule off."""
-
-    user_limit: int
-    address_limit: int
-    window: int
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """A password attempt, counted by count_attempt before the password was checked."""
-
-    address: str
-    username: str
-    address_window: datetime | None  # the per-address window it was counted in, if that rule is on
-
-    async def succeeded(self, session: AsyncSession) -> None:
-        """The password was right: clear this username's count for this address, and take this
-        attempt back from the address's count. In the request's session: it commits with the 2xx."""
-        store = SigninFailureStore(session)
-        await store.clear(self.address, self.username)
-        if self.address_window is not None:
-            await store.uncount(self.address, "", self.address_window)
-
-
-def client_address(request: Request) -> str:
-    """The address uvicorn reports (it honours X-Forwarded-For only from FORWARDED_ALLOW_IPS)."""
-    host = request.client.host if request.client else ""
-    return (host or "unknown")[:ADDRESS_LENGTH]
-
-
-async def count_attempt(request: Request, username: str) -> Attempt:
-    """Count a password attempt for the throttle before the password is checked, so that
-    concurrent guesses cannot all get through; over a limit, a 429 (and no hash is spent).
-
-    The one write the service keeps whatever the request answers (a failed signin is a 401, and
-    the middleware rolls every 4xx back): the throttle's own bookkeeping, committed at once in a
-    short transaction of its own. Windows that have passed are purged on the way.
-    """
-    throttle: Throttle = request.state.throttle
-    address = client_address(request)
-    rules = [(name, limit) for name, limit in ((username, throttle.user_limit), ("", throttle.address_limit)) if limit]
-    if not rules:
-        return Attempt(address, username, None)
-    now, window = datetime.now(UTC), timedelta(seconds=throttle.window)
-    waits, address_window = [], None
-    async with transaction(request.state.write_sessionmaker) as session:
-        store = SigninFailureStore(session)
-        await store.purge(now - window)
-        for name, limit in rules:
-            failures, window_start = await store.count(address, name, now, window)
-            if name == "":
-                address_window = window_start
-            if failures > limit:
-                waits.append(math.ceil((window_start + window - now).total_seconds()))
-    if waits:
-        seconds = max(1, *waits)
-        raise HTTPException(
-            429, f"Too many failed attempts; try again in {seconds} seconds.", headers={"Retry-After": str(seconds)}
-        )
-    return Attempt(address, username, address_window)
-
-
 @dataclass(frozen=True)
 class Claims:
     user_id: int
     type: TokenType
     jti: str
     expires_at: datetime
-    version: int
+    version: int  # the user's token version when issued: a password change raises it
+    family: str  # the signin the token comes from (models.TokenFamily)
+    generation: int  # the refresh token's place in its family (0 in access tokens)
 
 
 def key_id(key: str) -> str:
@@ -162,25 +95,32 @@ class Tokens:
     access_ttl: int
     refresh_ttl: int
     fallbacks: tuple[str, ...] = ()
+    leeway: float = 30.0  # seconds of clock difference between replicas allowed for iat, nbf and exp
 
     @functools.cached_property
     def keys(self) -> dict[str, str]:
         return {key_id(key): key for key in (self.secret, *self.fallbacks)}
 
-    def issue(self, user_id: int, version: int) -> dict[str, str]:
+    def issue(self, user_id: int, version: int, family: str, generation: int) -> dict[str, str]:
         return {
-            "access_token": self._encode(user_id, version, "access", self.access_ttl),
-            "refresh_token": self._encode(user_id, version, "refresh", self.refresh_ttl),
+            "access_token": self._encode(user_id, version, family, 0, "access", self.access_ttl),
+            "refresh_token": self._encode(user_id, version, family, generation, "refresh", self.refresh_ttl),
             "token_type": "bearer",
         }
 
-    def _encode(self, user_id: int, version: int, token_type: TokenType, ttl: int) -> str:
+    def family_expiry(self) -> datetime:
+        """When a family whose newest refresh token is issued now has no good token left."""
+        return datetime.now(UTC) + timedelta(seconds=self.refresh_ttl + self.leeway)
+
+    def _encode(self, user_id: int, version: int, family: str, generation: int, token_type: TokenType, ttl: int) -> str:
         now = datetime.now(UTC)
         claims = {
             "sub": str(user_id),
             "typ": token_type,
             "jti": uuid.uuid4().hex,
             "ver": version,
+            "fam": family,
+            "gen": generation,
             "iat": now,
             "exp": now + timedelta(seconds=ttl),
         }
@@ -194,7 +134,8 @@ class Tokens:
                 token,
                 self._key_for(token),
                 algorithms=[ALGORITHM],
-                options={"require": ["sub", "typ", "jti", "iat", "exp"]},
+                options={"require": ["sub", "typ", "jti", "fam", "iat", "exp"]},
+                leeway=self.leeway,
             )
         except jwt.ExpiredSignatureError:
             raise unauthorized("Token has expired") from None
@@ -205,10 +146,11 @@ class Tokens:
                 "An access token is required" if token_type == "access" else "A refresh token is required"
             )
         try:
-            user_id, version = int(claims["sub"]), int(claims.get("ver", -1))
+            user_id, version, generation = int(claims["sub"]), int(claims.get("ver", -1)), int(claims.get("gen", 0))
         except (TypeError, ValueError):
             raise unauthorized("Token is invalid") from None
-        return Claims(user_id, token_type, str(claims["jti"]), datetime.fromtimestamp(claims["exp"], UTC), version)
+        expires_at = datetime.fromtimestamp(claims["exp"], UTC)
+        return Claims(user_id, token_type, str(claims["jti"]), expires_at, version, str(claims["fam"]), generation)
 
     def _key_for(self, token: str) -> str:
         """The key the token's `kid` names. A token without one (issued before keys had ids) is
@@ -246,23 +188,28 @@ def no_longer_valid() -> HTTPException:
     return unauthorized("Token is no longer valid")
 
 
+def revoked() -> HTTPException:
+    return unauthorized("Token has been revoked")
+
+
 async def authenticate(request: Request, token_type: TokenType) -> tuple[User, Claims]:
     """The user a valid token of this type names; a 401 otherwise."""
     claims = token_claims(request, token_type)
-    user = await UserStore(request.state.session).current(claims.user_id, claims.version)
-    if user is None:  # deleted, or the password changed since
+    user = await UserStore(request.state.session).current(claims.user_id, claims.version, claims.family)
+    if user is None:  # deleted, the password changed since, or the family has ended
         raise no_longer_valid()
     return user, claims
 
 
-async def revoke(request: Request, claims: Claims) -> None:
-    revoked = RevokedTokenStore(request.state.session)
-    if await revoked.is_revoked(claims.jti):
-        raise unauthorized("Token has been revoked")
-    try:
-        await revoked.revoke(claims.jti, claims.expires_at)
-    except IntegrityError:  # the same token, used twice at once: only one use wins
-        raise unauthorized("Token has been revoked") from None
+async def end_family(sessionmaker: async_sessionmaker[AsyncSession], claims: Claims) -> None:
+    """End the family of a refresh token that was presented again after it had been rotated: it
+    has been copied, and nobody can tell the thief's copy from the owner's, so neither may go on.
+
+    The other place (beside throttle.count_attempt) where the service writes whatever the request
+    answers (a reuse is a 401): in a short transaction of its own, committed at once.
+    """
+    async with transaction(sessionmaker) as session:
+        await TokenFamilyStore(session).end(claims.family, claims.user_id)
 
 
 def make_tokens(settings: Settings) -> Tokens:
@@ -270,7 +217,11 @@ def make_tokens(settings: Settings) -> Tokens:
         if len(fallback.encode()) < 32:
             raise RuntimeError("Each of SECRET_KEY_FALLBACKS must be at least 32 bytes long, as SECRET_KEY.")
     return Tokens(
-        token_secret(settings), settings.access_token_ttl, settings.refresh_token_ttl, settings.secret_key_fallbacks
+        token_secret(settings),
+        settings.access_token_ttl,
+        settings.refresh_token_ttl,
+        settings.secret_key_fallbacks,
+        settings.token_leeway,
     )
 
 

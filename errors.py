@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,11 +17,27 @@ from db import is_unavailable
 from schemas import PATTERN_RULES
 
 logger = logging.getLogger("users")
+MAX_FIELD_ERRORS = 20
 
 
-def error_response(status_code: int, detail: str, **extra: Any) -> JSONResponse:
-    headers = extra.pop("headers", None)
-    return JSONResponse({"detail": detail, **extra}, status_code=status_code, headers=headers)
+def error_response(
+    status_code: int,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    background: BackgroundTask | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"detail": detail, **extra}
+    return JSONResponse(body, status_code=status_code, headers=headers, background=background)
+
+
+def field_error(field: str, message: str) -> ValidationError:
+    """A 400 with a field error, for a rule that only the database or a hash can check (rendered
+    by validation_error, as the models' own errors are)."""
+    return ValidationError.from_exception_data(
+        "Input", [{"type": "value_error", "loc": (field,), "input": None, "ctx": {"error": ValueError(message)}}]
+    )
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -35,16 +53,22 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     errors = exc.errors(include_url=False, include_input=False)
     if any(error["type"] == "json_invalid" for error in errors):
         return error_response(400, "Request body is not valid JSON.")
-    if any(error["loc"] == () for error in errors):
+    # A rule across fields (a model validator) names its field in its context.
+    named = [(error["loc"][0] if error["loc"] else error.get("ctx", {}).get("field"), error) for error in errors]
+    if any(field is None for field, _ in named):
         return error_response(400, "Request body must be a JSON object.")
     fields: dict[str, str] = {}
-    for error in errors:
-        field = str(error["loc"][0])  # the models are flat; deeper parts name union branches
+    for field, error in named:  # the models are flat; deeper parts of a location name union branches
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "string_pattern_mismatch":
             message = PATTERN_RULES.get(error.get("ctx", {}).get("pattern", ""), message)
-        fields.setdefault(field, message)  # one message per field: the first branch's
-    return invalid_fields([{"field": field, "message": message} for field, message in fields.items()])
+        fields.setdefault(str(field), message)  # one message per field: the first branch's
+    listed = [{"field": field, "message": message} for field, message in fields.items()][:MAX_FIELD_ERRORS]
+    if len(fields) > MAX_FIELD_ERRORS:  # 6,000 unknown keys once made a 365 KB answer
+        return error_response(
+            400, f"Some fields are missing or invalid (the first {MAX_FIELD_ERRORS} are listed).", errors=listed
+        )
+    return invalid_fields(listed)
 
 
 def invalid_fields(errors: list[dict[str, str]]) -> JSONResponse:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Dialect,
+    ForeignKey,
     Identity,
     Integer,
     PrimaryKeyConstraint,
@@ -59,12 +60,14 @@ class User(Base):
     __table_args__ = (
         PrimaryKeyConstraint("id", name="pk_users"),
         UniqueConstraint("username", name="uq_users_username"),
+        UniqueConstraint("username_key", name="uq_users_username_key"),
         UniqueConstraint("email_key", name="uq_users_email_key"),
         {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Id, Identity(always=False))
-    username: Mapped[str] = mapped_column(Username)
+    username: Mapped[str] = mapped_column(Username)  # matched exactly, as typed
+    username_key: Mapped[str] = mapped_column(String(20))  # username.lower(): unique regardless of case
     email: Mapped[str] = mapped_column(String(254))  # as the user typed it (after email-validator)
     email_key: Mapped[str] = mapped_column(String(EMAIL_KEY_LENGTH))  # email_key(email): unique
     password_hash: Mapped[str] = mapped_column(String(255))
@@ -75,26 +78,35 @@ class User(Base):
     token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
-class RevokedToken(Base):
-    """A refresh token that was used or signed out; kept until it would have expired anyway."""
+class TokenFamily(Base):
+    """One signin's refresh tokens: each refresh rotates to the next generation, and only the
+    newest is good. Presenting an older one (a reuse: someone else has it too) ends the family, as
+    does signing out; the access tokens issued in it stop working at once. A family's row goes
+    when it ends or its last refresh token expires, so storage grows with signins, not refreshes."""
 
-    __tablename__ = "revoked_tokens"
-    __table_args__ = (PrimaryKeyConstraint("jti", name="pk_revoked_tokens"),)
+    __tablename__ = "token_families"
+    __table_args__ = (PrimaryKeyConstraint("id", name="pk_token_families"),)
 
-    jti: Mapped[str] = mapped_column(String(32))
+    id: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("users.id", ondelete="CASCADE", name="fk_token_families_user"), index=True
+    )
+    generation: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class SigninFailure(Base):
-    """Failed password checks counted for the signin throttle, in a fixed window from the first.
+    """Failures counted for the signin throttle, in a fixed window from the first.
 
-    One row per (client address, username) for the per-user rule, and one per address with
-    `username = ''` for the per-address rule (a signin's username is never empty).
+    `kind` "password": one row per (client address, username) for the per-user rule, and one per
+    address with `username = ''` for the per-address rule (a signin's username is never empty).
+    `kind` "email": email-taken answers per (address, username), a count a signin does not clear.
     """
 
     __tablename__ = "signin_failures"
-    __table_args__ = (PrimaryKeyConstraint("address", "username", name="pk_signin_failures"),)
+    __table_args__ = (PrimaryKeyConstraint("kind", "address", "username", name="pk_signin_failures"),)
 
+    kind: Mapped[str] = mapped_column(String(16))
     address: Mapped[str] = mapped_column(String(ADDRESS_LENGTH))
     username: Mapped[str] = mapped_column(String(100))
     window_start: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

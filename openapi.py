@@ -14,6 +14,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas import (
     COMMON_PASSWORD_RULE,
+    AccountDeletion,
     Error,
     ListQuery,
     Page,
@@ -37,7 +38,7 @@ ERRORS = {
     409: "The username or email is taken; nothing was written.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not sent as application/json.",
-    429: "Too many failed attempts from this address; retry after Retry-After seconds. No password was checked.",
+    429: "Too many failed attempts from this address; retry after Retry-After seconds. Nothing was checked.",
     500: "An internal error, or the commit failed; nothing was written unless the outcome is in doubt.",
     503: "The database cannot be reached or has no free connection; retry after Retry-After seconds.",
 }
@@ -85,10 +86,15 @@ OPERATIONS = (
     Operation("post", "/api/users/signout", "signout", "Revoke a refresh token", 204, None, (401,), auth=True),
     Operation("get", "/api/users/me", "getMe", "Your private profile", 200, PrivateProfile, (401,), auth=True),
     Operation(
-        "patch", "/api/users/me", "updateMe", "Change your email, address or phone number", 200, PrivateProfile,
-        (*BODY_ERRORS, 401, 409), body=ProfileUpdate, auth=True,
+        "patch", "/api/users/me", "updateMe", "Change your email (with your password), address or phone number",
+        200, PrivateProfile, (*BODY_ERRORS, 401, 409, 429), body=ProfileUpdate, auth=True,
+        error_notes={400: "The body is malformed, a field is invalid, or password is missing or wrong; no change."},
     ),
-    Operation("delete", "/api/users/me", "deleteMe", "Delete your account", 204, None, (401,), auth=True),
+    Operation(
+        "delete", "/api/users/me", "deleteMe", "Delete your account (takes its password)", 204, None,
+        (*BODY_ERRORS, 401, 429), body=AccountDeletion, auth=True,
+        error_notes={400: "The body is malformed, or password is missing or wrong; nothing was written."},
+    ),
     Operation(
         "put", "/api/users/me/password", "changePassword", "Change your password (earlier tokens stop working)",
         204, None, (*BODY_ERRORS, 401, 429), body=PasswordChange, auth=True,
@@ -147,7 +153,7 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        *((model, "validation") for model in (Signup, Signin, ProfileUpdate, PasswordChange)),
+        *((model, "validation") for model in (Signup, Signin, ProfileUpdate, PasswordChange, AccountDeletion)),
         *(
             (model, "serialization")
             for model in (PublicProfile, PrivateProfile, Page, TokenPair, Error, Status, Readiness)

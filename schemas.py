@@ -9,8 +9,20 @@ from itertools import permutations
 from typing import Annotated, Any, Literal
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
 RESERVED_USERNAMES = ("me", "signup", "signin", "refresh", "signout")
@@ -123,6 +135,12 @@ class Signup(Input):
     password: Password
     email: Email
 
+    @model_validator(mode="after")
+    def _password_is_not_the_username(self) -> Signup:
+        if self.password.casefold() == self.username.casefold():
+            raise PydanticCustomError("password_is_username", "must not be your username", {"field": "password"})
+        return self
+
 
 class Signin(Input):
     # Any string a username could be, and more (a wrong one is a 401, not a 400); never empty.
@@ -131,17 +149,28 @@ class Signin(Input):
 
 
 def _email_is_optional_not_null(schema: dict[str, Any]) -> None:
-    del schema["properties"]["email"]["default"]  # an absent email is no change; null is refused
+    for field in ("email", "password"):
+        del schema["properties"][field]["default"]  # absent is no change; null is refused
+    schema["dependentRequired"] = {"email": ["password"]}
 
 
 class ProfileUpdate(Input):
-    """Any of the three; `address` and `phone_number` may be null to clear them."""
+    """Any of the three; `address` and `phone_number` may be null to clear them. Changing the
+    email takes the account's `password` too (re-authentication: a stolen token alone must not
+    move the account to another address)."""
 
     model_config = ConfigDict(json_schema_extra=_email_is_optional_not_null)
 
     email: Email | SkipJsonSchema[None] = None
     address: Address | None = None
     phone_number: PhoneNumber | None = None
+    password: AnyPassword | SkipJsonSchema[None] = None
+
+    @model_validator(mode="after")
+    def _email_takes_the_password(self) -> ProfileUpdate:
+        if "email" in self.model_fields_set and self.password is None:
+            raise PydanticCustomError("missing", "is required to change the email", {"field": "password"})
+        return self
 
     @field_validator("email")
     @classmethod
@@ -154,6 +183,18 @@ class ProfileUpdate(Input):
 class PasswordChange(Input):
     old_password: AnyPassword
     new_password: Password
+
+    @model_validator(mode="after")
+    def _new_is_new(self) -> PasswordChange:
+        if self.new_password == self.old_password:
+            raise PydanticCustomError("same_password", "must differ from the old one", {"field": "new_password"})
+        return self
+
+
+class AccountDeletion(Input):
+    """What deleting the account takes: its password (re-authentication, as for a new email)."""
+
+    password: AnyPassword
 
 
 class ListQuery(BaseModel):
@@ -212,3 +253,20 @@ class Status(BaseModel):
 
 class Readiness(Status):
     revision: str = Field(description="The schema revision the database is at (Alembic's).")
+
+
+# --- in and out --------------------------------------------------------------------------------
+
+
+def model_response(model: BaseModel, status_code: int = 200, *, private: bool = False) -> Response:
+    """`private`: the body holds tokens or private data, which no cache may keep."""
+    headers = {"Cache-Control": "no-store"} if private else None
+    return Response(model.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")
+
+
+async def read_json_body(request: Request) -> bytes:
+    """The body of a JSON request (RequestLimitsMiddleware has read it already, within its limits)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPException(415, "Content-Type must be application/json.")
+    return await request.body()

@@ -11,15 +11,23 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, bindparam, case, delete, select, update
+from sqlalchemy import ColumnElement, Row, and_, bindparam, case, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models import RevokedToken, SigninFailure, User, email_key
+from models import SigninFailure, TokenFamily, User, email_key
+
+
+def token_holds(user_id: Any, version: Any, family: Any) -> ColumnElement[bool]:
+    """What a token needs to be good: its user exists, still has the token's version (a password
+    change raises it), and the token's family is alive (signout and reuse end it)."""
+    alive = exists().where(TokenFamily.id == family, TokenFamily.user_id == User.id)
+    return and_(User.id == user_id, User.token_version == version, alive)
+
 
 # Built once: the hot lookups skip constructing (and cache-keying) a statement per request.
 BY_USERNAME = select(User).where(User.username == bindparam("username"))
-CURRENT = select(User).where(User.id == bindparam("user_id"), User.token_version == bindparam("version"))
+CURRENT = select(User).where(token_holds(bindparam("user_id"), bindparam("version"), bindparam("family")))
 # Public profiles need three columns, not whole ORM objects: a Core select on the table loads
 # plain rows and skips the ORM's compile and loading steps.
 users = User.__table__
@@ -33,9 +41,13 @@ class UserStore:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def current(self, user_id: int, version: int) -> User | None:
-        """The user a token names, if it still exists and the token's version is still its own."""
-        return await self.session.scalar(CURRENT, {"user_id": user_id, "version": version})
+    async def current(self, user_id: int, version: int, family: str) -> User | None:
+        """The user a token names, if the token still holds (see token_holds)."""
+        return await self.session.scalar(CURRENT, {"user_id": user_id, "version": version, "family": family})
+
+    async def username_taken(self, username: str) -> bool:
+        """Whether a user has this name, in any mix of case."""
+        return await self.session.scalar(select(User.id).where(User.username_key == username.lower())) is not None
 
     async def get_by_username(self, username: str) -> User | None:
         return await self.session.scalar(BY_USERNAME, {"username": username})
@@ -46,29 +58,33 @@ class UserStore:
     async def create(self, *, username: str, email: str, password_hash: str) -> User:
         """Insert now, so a duplicate raises IntegrityError here; the savepoint keeps the
         transaction usable afterwards, to find out which of the two was taken."""
-        user = User(username=username, email=email, email_key=email_key(email), password_hash=password_hash)
+        user = User(
+            username=username,
+            username_key=username.lower(),
+            email=email,
+            email_key=email_key(email),
+            password_hash=password_hash,
+        )
         async with self.session.begin_nested():
             self.session.add(user)
         return user
 
-    async def update(self, user_id: int, version: int, changes: dict[str, Any]) -> User | None:
-        """Apply the changes if the user still has this token version; None if not (or gone).
-        A taken email raises IntegrityError here."""
+    async def update(self, user_id: int, version: int, family: str, changes: dict[str, Any]) -> User | None:
+        """Apply the changes if the token still holds; None if not. A taken email raises
+        IntegrityError here."""
         if not changes:
-            return await self.current(user_id, version)
+            return await self.current(user_id, version, family)
         if "email" in changes:
             changes = {**changes, "email_key": email_key(changes["email"])}
-        statement = (
-            update(User).where(User.id == user_id, User.token_version == version).values(changes).returning(User)
-        )
+        statement = update(User).where(token_holds(user_id, version, family)).values(changes).returning(User)
         return await self.session.scalar(statement, execution_options=NO_SYNC)
 
-    async def change_password(self, user_id: int, version: int, password_hash: str) -> bool:
+    async def change_password(self, user_id: int, version: int, family: str, password_hash: str) -> bool:
         """Set a new password and a new token version (every earlier token stops working), if the
-        user still has the version that the old password was checked against."""
+        token still holds: the version the old password was checked against is still the user's."""
         statement = (
             update(User)
-            .where(User.id == user_id, User.token_version == version)
+            .where(token_holds(user_id, version, family))
             .values(password_hash=password_hash, token_version=User.token_version + 1)
             .returning(User.id)
         )
@@ -91,8 +107,9 @@ class UserStore:
         version = await self.session.scalar(statement, execution_options=NO_SYNC)
         return version
 
-    async def delete(self, user_id: int, version: int) -> bool:
-        statement = delete(User).where(User.id == user_id, User.token_version == version).returning(User.id)
+    async def delete(self, user_id: int, version: int, family: str) -> bool:
+        """Delete the user (and so, by the foreign key, its token families) if the token still holds."""
+        statement = delete(User).where(token_holds(user_id, version, family)).returning(User.id)
         return await self.session.scalar(statement, execution_options=NO_SYNC) is not None
 
     async def list_page(self, *, after: str | None, limit: int) -> Sequence[Row[int, str, datetime]]:
@@ -103,39 +120,68 @@ class UserStore:
         return (await self.session.execute(query)).all()
 
 
-class RevokedTokenStore:
-    """Refresh tokens that may not be used again, kept until they would have expired."""
+class TokenFamilyStore:
+    """Refresh-token families: one row per signin, whatever the number of refreshes."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def is_revoked(self, jti: str) -> bool:
-        return await self.session.get(RevokedToken, jti) is not None
-
-    async def revoke(self, jti: str, expires_at: datetime) -> None:
-        """Revoke a token now; a second revocation of it (a racing reuse) raises IntegrityError.
-        Revocations past their token's expiry are purged on the way: they protect nothing."""
-        await self.session.execute(delete(RevokedToken).where(RevokedToken.expires_at < datetime.now(UTC)))
-        self.session.add(RevokedToken(jti=jti, expires_at=expires_at))
+    async def start(self, family: str, user_id: int, expires_at: datetime) -> None:
+        """A new family at generation 0. Families whose last token has expired are purged on the
+        way: they protect nothing any more."""
+        await self.session.execute(delete(TokenFamily).where(TokenFamily.expires_at < datetime.now(UTC)))
+        self.session.add(TokenFamily(id=family, user_id=user_id, generation=0, expires_at=expires_at))
         await self.session.flush()
+
+    async def generation(self, family: str, user_id: int) -> int | None:
+        """The family's newest generation; None if it has ended (or never was)."""
+        statement = select(TokenFamily.generation).where(TokenFamily.id == family, TokenFamily.user_id == user_id)
+        generation: int | None = await self.session.scalar(statement)
+        return generation
+
+    async def rotate(self, family: str, user_id: int, generation: int, expires_at: datetime) -> int | None:
+        """Move the family on from `generation`, if that is still its newest: the new generation.
+        None if another rotation (or the family's end) came first."""
+        statement = (
+            update(TokenFamily)
+            .where(TokenFamily.id == family, TokenFamily.user_id == user_id, TokenFamily.generation == generation)
+            .values(generation=TokenFamily.generation + 1, expires_at=expires_at)
+            .returning(TokenFamily.generation)
+        )
+        rotated: int | None = await self.session.scalar(statement, execution_options=NO_SYNC)
+        return rotated
+
+    async def end(self, family: str, user_id: int, generation: int | None = None) -> bool:
+        """End the family (if `generation` is given: only if that is still its newest)."""
+        condition = [TokenFamily.id == family, TokenFamily.user_id == user_id]
+        if generation is not None:
+            condition.append(TokenFamily.generation == generation)
+        statement = delete(TokenFamily).where(*condition).returning(TokenFamily.id)
+        return await self.session.scalar(statement, execution_options=NO_SYNC) is not None
+
+    async def end_all(self, user_id: int) -> None:
+        await self.session.execute(delete(TokenFamily).where(TokenFamily.user_id == user_id))
 
 
 class SigninFailureStore:
-    """The signin throttle's counts: failures per (address, username) in a window from the first."""
+    """The signin throttle's counts: failures per (kind, address, username) in a window from the
+    first. `kind` is "password" or "email" (see models.SigninFailure)."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def count(self, address: str, username: str, now: datetime, window: timedelta) -> tuple[int, datetime]:
+    async def count(
+        self, kind: str, address: str, username: str, now: datetime, window: timedelta
+    ) -> tuple[int, datetime]:
         """Count one more, in the current window or in a new one if it has passed, in one atomic
         statement (so that concurrent attempts cannot all read the same count): (count, window start)."""
         dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
         expired = SigninFailure.window_start <= now - window
         statement = (
             dialect.insert(SigninFailure)
-            .values(address=address, username=username, window_start=now, failures=1)
+            .values(kind=kind, address=address, username=username, window_start=now, failures=1)
             .on_conflict_do_update(
-                index_elements=[SigninFailure.address, SigninFailure.username],
+                index_elements=[SigninFailure.kind, SigninFailure.address, SigninFailure.username],
                 set_={
                     "failures": case((expired, 1), else_=SigninFailure.failures + 1),
                     "window_start": case((expired, now), else_=SigninFailure.window_start),
@@ -146,11 +192,12 @@ class SigninFailureStore:
         failures, window_start = (await self.session.execute(statement)).one()
         return failures, window_start
 
-    async def uncount(self, address: str, username: str, window_start: datetime) -> None:
+    async def uncount(self, kind: str, address: str, username: str, window_start: datetime) -> None:
         """Take back one count made in that window (it was not a failure after all)."""
         await self.session.execute(
             update(SigninFailure)
             .where(
+                SigninFailure.kind == kind,
                 SigninFailure.address == address,
                 SigninFailure.username == username,
                 SigninFailure.window_start == window_start,
@@ -159,9 +206,11 @@ class SigninFailureStore:
             .values(failures=SigninFailure.failures - 1)
         )
 
-    async def clear(self, address: str, username: str) -> None:
+    async def clear(self, kind: str, address: str, username: str) -> None:
         await self.session.execute(
-            delete(SigninFailure).where(SigninFailure.address == address, SigninFailure.username == username)
+            delete(SigninFailure).where(
+                SigninFailure.kind == kind, SigninFailure.address == address, SigninFailure.username == username
+            )
         )
 
     async def purge(self, before: datetime) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 
 from auth import hasher
 from db import async_url
-from models import User
+from models import User, email_key
 
 engine = create_async_engine(async_url(os.environ["DATABASE_URL"]), pool_recycle=28000, pool_pre_ping=True)
 session_factory = async_sessionmaker(bind=engine, expire_on_commit=False)
@@ -61,7 +61,13 @@ app = FastAPI()
 async def signup(request: Request, store: Annotated[UserStore, Depends()]) -> dict[str, Any]:
     data = await request.json()
     password_hash = await anyio.to_thread.run_sync(hasher.hash, data["password"], limiter=limiter)
-    user = User(username=data["username"], email=data["email"], password_hash=password_hash)
+    user = User(
+        username=data["username"],
+        username_key=data["username"].lower(),
+        email=data["email"],
+        email_key=email_key(data["email"]),
+        password_hash=password_hash,
+    )
     store.session.add(user)
     await store.session.flush()
     return public(user)

@@ -53,7 +53,10 @@ async def list_users(request: Request) -> Response:
 async def signup(request: Request) -> Response:
     data = await request.json()
     password_hash = await anyio.to_thread.run_sync(hasher.hash, data["password"], limiter=request.state.limiter)
-    insert = "INSERT INTO users (username, email, password_hash, created_at) VALUES ($1, $2, $3, now())"
+    insert = (
+        "INSERT INTO users (username, username_key, email, email_key, password_hash, created_at)"
+        " VALUES ($1, lower($1), $2, lower($2), $3, now())"
+    )
     row = await request.state.pool.fetchrow(f"{insert} RETURNING id, username, created_at", data["username"],
                                             data["email"], password_hash)  # fmt: skip
     return answer(row, 201)

@@ -22,7 +22,8 @@ from asgi_lifespan import LifespanManager
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import create_app
-from db import Settings, upgrade_schema
+from db import upgrade_schema
+from settings import Settings
 
 CASES = {
     "wrong password": {"username": "alice", "password": "Wrong123!"},

@@ -10,8 +10,9 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from db import Settings, make_engine
+from db import make_engine
 from models import Base
+from settings import Settings
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("database_url"):

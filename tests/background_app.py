@@ -11,7 +11,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import app
-from db import Settings, transaction
+from db import transaction
+from settings import Settings
 from stores import UserStore
 
 

@@ -27,6 +27,8 @@ import httpx
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SUMMARY: list[dict[str, Any]] = []  # one row a scenario, printed at the end of the run (conftest)
+# What scripts/serve and the image give uvicorn (tests/test_deploy.py keeps them the same).
+SERVE_FLAGS = ["--http", "limits:BoundedHttpToolsProtocol", "--no-server-header"]
 
 
 def free_port() -> int:
@@ -210,7 +212,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "faults-" + "k" * 40, **settings}
-        command = [sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(self.port)]
+        command = [sys.executable, "-m", "uvicorn", app, "--factory", *SERVE_FLAGS, "--port", str(self.port)]
         command += ["--app-dir", str(PROJECT_DIR / "tests")] if not app.startswith("app:") else []
         self._log = log_path.open("w")
         self.process = subprocess.Popen(

@@ -31,7 +31,8 @@ from starlette.applications import Starlette
 import chaos
 from app import create_app
 from chaos import free_port
-from db import Settings, async_url, make_engine, upgrade_schema
+from db import async_url, make_engine, upgrade_schema
+from settings import Settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,14 +22,15 @@ from asgi_lifespan import LifespanManager
 from starlette.exceptions import HTTPException
 
 from app import create_app
-from auth import Tokens, key_id
+from auth import Tokens, key_id, make_tokens
 from chaos import Service
 from conftest import Database, signup_body
-from db import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 SECRET = "a-test-secret-long-enough-for-hs256-and-hs512-" + "x" * 32
+PASSWORD = "Kiwi-Tango-57"
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ async def test_me_answers_the_private_profile(client: httpx.AsyncClient) -> None
 
 
 def forged(key: str = SECRET, algorithm: str = "HS256", **changes: Any) -> str:
-    claims = {"sub": "1", "typ": "access", "jti": "x", "iat": 0, "exp": 9e9, "ver": 0, **changes}
+    claims = {"sub": "1", "typ": "access", "jti": "x", "fam": "f", "iat": 0, "exp": 9e9, "ver": 0, **changes}
     return "Bearer " + jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
 
 
@@ -154,7 +156,7 @@ async def test_token_types_are_not_interchangeable(client: httpx.AsyncClient) ->
 
 
 async def test_an_expired_access_token_is_refused(settings: Settings) -> None:
-    app = create_app(replace(settings, access_token_ttl=-1))
+    app = create_app(replace(settings, access_token_ttl=-60))  # past the 30 s leeway
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
@@ -162,7 +164,9 @@ async def test_an_expired_access_token_is_refused(settings: Settings) -> None:
             assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token has expired")
 
 
-async def test_refresh_rotates_and_the_used_token_is_revoked(client: httpx.AsyncClient, db: Database) -> None:
+async def test_refresh_rotates_and_a_reused_token_ends_the_whole_family(
+    client: httpx.AsyncClient, db: Database
+) -> None:
     first = await sign_up_and_in(client)
 
     response = await client.post("/api/users/refresh", headers=bearer(first["refresh_token"]))
@@ -171,10 +175,18 @@ async def test_refresh_rotates_and_the_used_token_is_revoked(client: httpx.Async
     second = response.json()
     assert second["refresh_token"] != first["refresh_token"]
     assert (await client.get("/api/users/me", headers=bearer(second["access_token"]))).status_code == 200
+    third = (await client.post("/api/users/refresh", headers=bearer(second["refresh_token"]))).json()
+    assert await db.scalar("SELECT count(*) FROM token_families") == 1  # one row, however many refreshes
+
+    # The first token again: it was copied. The thief's and the owner's tokens die alike.
     reused = await client.post("/api/users/refresh", headers=bearer(first["refresh_token"]))
     assert_401(reused, "Token has been revoked")
-    assert (await client.post("/api/users/refresh", headers=bearer(second["refresh_token"]))).status_code == 200
-    assert await db.scalar("SELECT count(*) FROM revoked_tokens") == 2
+    for token in (third["refresh_token"], second["refresh_token"]):
+        assert_401(await client.post("/api/users/refresh", headers=bearer(token)), "Token has been revoked")
+    for token in (third["access_token"], first["access_token"]):
+        assert_401(await client.get("/api/users/me", headers=bearer(token)), "Token is no longer valid")
+    assert await db.scalar("SELECT count(*) FROM token_families") == 0
+    assert (await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})).is_success
 
 
 async def test_a_refresh_token_used_twice_at_once_rotates_only_once(client: httpx.AsyncClient) -> None:
@@ -191,34 +203,33 @@ async def test_a_refresh_token_used_twice_at_once_rotates_only_once(client: http
     assert sorted(statuses) == [200, 401, 401, 401, 401]
 
 
-async def test_signout_revokes_the_refresh_token(client: httpx.AsyncClient) -> None:
+async def test_signout_ends_the_family_and_its_access_tokens_at_once(client: httpx.AsyncClient) -> None:
     tokens = await sign_up_and_in(client)
+    other = (await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})).json()
 
     response = await client.post("/api/users/signout", headers=bearer(tokens["refresh_token"]))
 
     assert response.status_code == 204
     assert response.content == b""
+    assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
     assert_401(
         await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"])), "Token has been revoked"
     )
     assert_401(
         await client.post("/api/users/signout", headers=bearer(tokens["refresh_token"])), "Token has been revoked"
     )
+    # Another signin is another family: it goes on.
+    assert (await client.get("/api/users/me", headers=bearer(other["access_token"]))).status_code == 200
 
 
-async def test_expired_revocations_are_purged(client: httpx.AsyncClient, db: Database) -> None:
-    await db.execute(
-        "INSERT INTO revoked_tokens (jti, expires_at) VALUES ('old', :past), ('live', :future)",
-        {"past": datetime(2000, 1, 1, tzinfo=UTC), "future": datetime(2999, 1, 1, tzinfo=UTC)},
-    )
-    tokens = await sign_up_and_in(client)
+async def test_families_past_their_last_token_are_purged_by_the_next_signin(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    await sign_up_and_in(client)
+    await db.execute("UPDATE token_families SET expires_at = :past", {"past": datetime(2000, 1, 1, tzinfo=UTC)})
+    await sign_up_and_in(client, "bob")
 
-    assert (await client.post("/api/users/signout", headers=bearer(tokens["refresh_token"]))).status_code == 204
-
-    remaining = set(await db.column("SELECT jti FROM revoked_tokens"))
-    assert "old" not in remaining
-    assert "live" in remaining
-    assert len(remaining) == 2
+    assert await db.scalar("SELECT count(*) FROM token_families") == 1
 
 
 async def test_update_me_changes_the_given_fields_only(client: httpx.AsyncClient) -> None:
@@ -230,7 +241,8 @@ async def test_update_me_changes_the_given_fields_only(client: httpx.AsyncClient
     assert changed.status_code == 200
     assert (changed.json()["address"], changed.json()["phone_number"]) == ("Seoul, Gwanak-ro 1", "01012345678")
 
-    email = await client.patch("/api/users/me", json={"email": "new@example.com"}, headers=bearer(access))
+    body = {"email": "new@example.com", "password": PASSWORD}
+    email = await client.patch("/api/users/me", json=body, headers=bearer(access))
     assert email.json()["email"] == "new@example.com"
     assert email.json()["address"] == "Seoul, Gwanak-ro 1"
 
@@ -272,7 +284,8 @@ async def test_update_me_to_a_taken_email_is_409(client: httpx.AsyncClient) -> N
     await sign_up_and_in(client, "bob")
     access = (await sign_up_and_in(client, "alice"))["access_token"]
 
-    response = await client.patch("/api/users/me", json={"email": "BOB@example.com"}, headers=bearer(access))
+    body = {"email": "BOB@example.com", "password": PASSWORD}
+    response = await client.patch("/api/users/me", json=body, headers=bearer(access))
 
     assert response.status_code == 409
     assert response.json() == {"detail": "Email already exists"}
@@ -285,19 +298,22 @@ async def test_address_limit_is_inclusive(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
 
 
-async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient) -> None:
+async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient, db: Database) -> None:
     tokens = await sign_up_and_in(client)
-    body = {"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}
+    other = (await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})).json()
+    body = {"old_password": PASSWORD, "new_password": "Better-Plum-88"}
 
     response = await client.put("/api/users/me/password", json=body, headers=bearer(tokens["access_token"]))
 
     assert response.status_code == 204
-    assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
-    refreshed = await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"]))
-    assert_401(refreshed, "Token is no longer valid")
-    old = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
+    for pair in (tokens, other):
+        assert_401(await client.get("/api/users/me", headers=bearer(pair["access_token"])), "Token is no longer valid")
+        refreshed = await client.post("/api/users/refresh", headers=bearer(pair["refresh_token"]))
+        assert_401(refreshed, "Token has been revoked")
+    assert await db.scalar("SELECT count(*) FROM token_families") == 0  # their rows went too
+    old = await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})
     assert old.status_code == 401
-    new = await client.post("/api/users/signin", json={"username": "alice", "password": "Better456?"})
+    new = await client.post("/api/users/signin", json={"username": "alice", "password": "Better-Plum-88"})
     assert (await client.get("/api/users/me", headers=bearer(new.json()["access_token"]))).status_code == 200
 
 
@@ -329,13 +345,16 @@ async def test_deleting_the_account_ends_its_tokens_and_frees_the_username(
     tokens = await sign_up_and_in(client)
     old_id = (await client.get("/api/users/alice")).json()["id"]
 
-    response = await client.delete("/api/users/me", headers=bearer(tokens["access_token"]))
+    response = await client.request(
+        "DELETE", "/api/users/me", json={"password": PASSWORD}, headers=bearer(tokens["access_token"])
+    )
 
     assert response.status_code == 204
     assert await db.usernames() == []
+    assert await db.scalar("SELECT count(*) FROM token_families") == 0
     assert_401(await client.get("/api/users/me", headers=bearer(tokens["access_token"])), "Token is no longer valid")
     assert_401(
-        await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"])), "Token is no longer valid"
+        await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"])), "Token has been revoked"
     )
     assert (await client.get("/api/users/alice")).status_code == 404
 
@@ -382,7 +401,7 @@ OLD_KEY, NEW_KEY = "the-old-key-" + "o" * 32, "the-new-key-" + "n" * 32
 
 
 def test_tokens_name_their_key_by_a_fingerprint_not_the_key() -> None:
-    tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,)).issue(1, 0)
+    tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,)).issue(1, 0, "f" * 32, 0)
     for token in (tokens["access_token"], tokens["refresh_token"]):
         header = jwt.get_unverified_header(token)
         assert header["kid"] == key_id(NEW_KEY) != key_id(OLD_KEY)
@@ -406,7 +425,7 @@ def test_tokens_name_their_key_by_a_fingerprint_not_the_key() -> None:
 def test_a_token_is_checked_with_the_key_its_kid_names(signed_with: str, kid: Any, accepted: bool) -> None:
     tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,))
     kids = {"new": key_id(NEW_KEY), "old": key_id(OLD_KEY)}
-    claims = {"sub": "1", "typ": "access", "jti": "x", "iat": 0, "exp": 9e9, "ver": 0}
+    claims = {"sub": "1", "typ": "access", "jti": "x", "fam": "f", "iat": 0, "exp": 9e9, "ver": 0}
     header = {"alg": "HS256", "typ": "JWT"} | (
         {} if kid is None else {"kid": kids.get(kid, kid) if isinstance(kid, str) else kid}
     )
@@ -463,3 +482,38 @@ async def test_rotating_the_key_across_restarts_signs_nobody_out_until_the_fallb
             assert (await client.get("/api/users/me", headers=bearer(after["access_token"]))).status_code == 200
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize(
+    ("claims", "detail"),
+    [
+        ({"iat": 1}, None),  # minted by a replica whose clock runs a second ahead
+        ({"iat": 25, "nbf": 25}, None),
+        ({"exp": -10}, None),  # expired ten seconds ago by this clock: within the leeway
+        ({"iat": 120}, "Token is invalid"),  # two minutes ahead: not a clock's drift
+        ({"nbf": 120}, "Token is invalid"),
+        ({"exp": -60}, "Token has expired"),
+    ],
+)
+def test_token_times_allow_a_leeway_for_clocks_that_differ(claims: dict[str, int], detail: str | None) -> None:
+    now = int(time.time())
+    tokens = Tokens(NEW_KEY, 60, 60, leeway=30)
+    times = {"iat": now, "exp": now + 60} | {name: now + offset for name, offset in claims.items()}
+    token = jwt.encode(
+        {"sub": "1", "typ": "access", "jti": "x", "fam": "f", "ver": 0, **times},
+        NEW_KEY,
+        headers={"kid": key_id(NEW_KEY)},
+    )
+    if detail is None:
+        assert tokens.check(token, "access").user_id == 1
+    else:
+        with pytest.raises(HTTPException) as refused:
+            tokens.check(token, "access")
+        assert refused.value.detail == detail
+
+
+def test_the_leeway_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKEN_LEEWAY", "5")
+    settings = Settings.from_environ()
+    assert settings.token_leeway == 5
+    assert make_tokens(replace(settings, secret_key=NEW_KEY)).leeway == 5

@@ -10,7 +10,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from app import create_app, routes
-from db import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 

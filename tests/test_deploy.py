@@ -6,6 +6,7 @@ from typing import Any
 
 import yaml
 
+from chaos import SERVE_FLAGS
 from conftest import PROJECT_DIR
 
 
@@ -22,12 +23,17 @@ def test_compose_runs_the_service_beside_postgresql_with_health_checks_and_a_vol
 
 
 def test_the_image_copies_every_module_the_app_imports() -> None:
+    # Every top-level module is the app's, so the image takes them all (scripts/test-container
+    # then proves that the image runs).
     dockerfile = (PROJECT_DIR / "Dockerfile").read_text()
     dockerignore = (PROJECT_DIR / ".dockerignore").read_text().split()
-    modules = sorted(path.name for path in PROJECT_DIR.glob("*.py"))  # every top-level module is the app's
-    assert "app.py" in modules
-    for module in (*modules, "alembic.ini"):
-        assert module in dockerfile
-        assert f"!{module}" in dockerignore
+    assert "COPY alembic.ini *.py ./" in dockerfile
+    assert {"!*.py", "!alembic.ini", "!migrations/", "!requirements.txt"} <= set(dockerignore)
     assert "USER 10001:10001" in dockerfile
     assert "HEALTHCHECK" in dockerfile
+
+
+def test_the_service_is_served_the_same_way_everywhere() -> None:
+    """scripts/serve, the image and the tests' uvicorn get the same flags (the head limit, no banner)."""
+    for script in ("scripts/serve", "scripts/container-start"):
+        assert " ".join(SERVE_FLAGS) in (PROJECT_DIR / script).read_text(), script

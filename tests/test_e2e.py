@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from chaos import free_port
+from chaos import Service, free_port
 from conftest import PROJECT_DIR, Database, signup_body
 
 pytestmark = pytest.mark.e2e
@@ -79,4 +80,19 @@ def test_the_readme_curl_walkthrough_works_verbatim(service_url: str) -> None:
 
     statuses = re.findall(r"HTTP/1\.1 (\d{3}) ", result.stdout)  # bodies end without a newline
     assert statuses == expected, result.stdout + result.stderr
-    assert len(expected) == 9
+    assert len(expected) == 10
+
+
+def test_a_failed_statement_logs_no_bound_parameter(tmp_path: Path) -> None:
+    # No schema: the signup's INSERT fails, and uvicorn logs the error with its traceback.
+    service = Service(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path / "service.log")
+    try:
+        body = signup_body("alice", email="secret.address@example.com")
+        assert httpx.post(f"{service.url}/api/users/signup", json=body).status_code == 500
+    finally:
+        service.stop()
+    log = service.log()
+    assert "INSERT INTO users" in log  # the statement is there, so the error was logged
+    assert "SQL parameters hidden due to hide_parameters=True" in log
+    assert "secret.address" not in log
+    assert "$argon2id$" not in log

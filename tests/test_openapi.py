@@ -65,7 +65,7 @@ def test_schemathesis_finds_no_failure_of_any_check(service_url: str) -> None:
     body = {"username": "fuzzed", "password": "Kiwi-Tango-57", "email": "fuzzed@example.com"}
     assert httpx.post(f"{service_url}/api/users/signup", json=body).status_code == 201
     credentials = {"username": "fuzzed", "password": body["password"]}
-    tokens = [httpx.post(f"{service_url}/api/users/signin", json=credentials).json() for _ in range(2)]
+    tokens = [httpx.post(f"{service_url}/api/users/signin", json=credentials).json() for _ in range(3)]
     command = [
         *(sys.executable, "-m", "schemathesis.cli", "run", f"{service_url}/openapi.json"),
         *("--checks", "all", "--seed", "1", "--max-examples", os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25")),
@@ -74,8 +74,8 @@ def test_schemathesis_finds_no_failure_of_any_check(service_url: str) -> None:
     env = {
         **os.environ,
         "USERS_ACCESS_TOKEN": tokens[0]["access_token"],
-        "USERS_REFRESH_TOKEN": tokens[0]["refresh_token"],
-        "USERS_SIGNOUT_TOKEN": tokens[1]["refresh_token"],
+        "USERS_REFRESH_TOKEN": tokens[1]["refresh_token"],
+        "USERS_SIGNOUT_TOKEN": tokens[2]["refresh_token"],
     }
     result = subprocess.run(command, cwd=TESTS_DIR, env=env, capture_output=True, text=True, timeout=600)
     print(result.stdout[-6000:], result.stderr[-2000:])
@@ -165,10 +165,10 @@ changes = ProfileUpdate(address="Seoul", phone_number="01012345678")
 assert step(update_me.sync_detailed(client=me, body=changes), 200, PrivateProfile).address == "Seoul"
 old = AuthenticatedClient(base_url=url, token=pair.refresh_token, raise_on_unexpected_status=True)
 new_pair = step(refresh.sync_detailed(client=old), 200, TokenPair)
-assert step(refresh.sync_detailed(client=old), 401, Error).detail == "Token has been revoked"
 new = AuthenticatedClient(base_url=url, token=new_pair.refresh_token, raise_on_unexpected_status=True)
 assert signout.sync_detailed(client=new).status_code == 204
 steps += 1
+assert step(refresh.sync_detailed(client=old), 401, Error).detail == "Token has been revoked"
 assert [item.username for item in step(list_users.sync_detailed(client=client, limit=20), 200, Page).items] == ["carol"]
 assert healthz.sync_detailed(client=client).status_code == 200
 assert readyz.sync_detailed(client=client).status_code == 200

@@ -12,8 +12,9 @@ from sqlalchemy import Connection, text
 from sqlalchemy.pool import NullPool
 
 from conftest import Database, in_thread
-from db import SchemaRevisions, Settings, async_url, make_engine, upgrade_schema
+from db import SchemaRevisions, async_url, make_engine, upgrade_schema
 from models import Base
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 

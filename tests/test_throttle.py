@@ -20,7 +20,7 @@ import auth
 from app import create_app
 from chaos import Service
 from conftest import Database, signup_body
-from db import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app import create_app
 from conftest import Database, signup_body
-from db import Settings
+from settings import Settings
 from stores import UserStore
 
 pytestmark = pytest.mark.anyio

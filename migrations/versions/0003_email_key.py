@@ -12,13 +12,12 @@ the address is for a person to decide.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from alembic.operations import BatchOperations
 
+from migrations.batch import recreated_on_sqlite
 from models import EMAIL_KEY_LENGTH, email_key
 
 revision: str = "0003"
@@ -45,28 +44,13 @@ def upgrade() -> None:
     for key, (user_id,) in owners.items():
         connection.execute(users.update().where(users.c.id == user_id).values(email_key=key))
     op.drop_index("uq_users_email_lower", table_name="users")
-    with recreated_on_sqlite() as batch:
+    with recreated_on_sqlite("users") as batch:
         batch.alter_column("email_key", existing_type=sa.String(EMAIL_KEY_LENGTH), nullable=False)
         batch.create_unique_constraint("uq_users_email_key", ["email_key"])
 
 
-@contextlib.contextmanager
-def recreated_on_sqlite() -> Iterator[BatchOperations]:
-    """Alembic's batch mode, which on SQLite copies the table into a new one: keep AUTOINCREMENT
-    and its high-water mark, or the ids of deleted users could be handed out again."""
-    connection = op.get_bind()
-    sqlite = connection.dialect.name == "sqlite"
-    seq = connection.scalar(sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'users'")) if sqlite else None
-    with op.batch_alter_table("users", table_kwargs={"sqlite_autoincrement": True}) as batch:
-        yield batch
-    if seq is not None:
-        connection.execute(
-            sa.text("UPDATE sqlite_sequence SET seq = max(seq, :seq) WHERE name = 'users'"), {"seq": seq}
-        )
-
-
 def downgrade() -> None:
-    with recreated_on_sqlite() as batch:
+    with recreated_on_sqlite("users") as batch:
         batch.drop_constraint("uq_users_email_key", type_="unique")
         batch.drop_column("email_key")
     op.create_index("uq_users_email_lower", "users", [sa.text("lower(email)")], unique=True)

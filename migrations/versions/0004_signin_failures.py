@@ -21,11 +21,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "signin_failures",
+        sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("address", sa.String(64), nullable=False),
         sa.Column("username", sa.String(100), nullable=False),
         sa.Column("window_start", sa.DateTime(timezone=True), nullable=False),
         sa.Column("failures", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("address", "username", name="pk_signin_failures"),
+        sa.PrimaryKeyConstraint("kind", "address", "username", name="pk_signin_failures"),
     )
     op.create_index("ix_signin_failures_window_start", "signin_failures", ["window_start"])
 

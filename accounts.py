@@ -1,0 +1,204 @@
+"""The account routes: signup, signin, refresh and signout (token families), and /me.
+
+Each route that checks a password reads what it needs in a short transaction of its own, hashes
+holding nothing, and then writes through the request's session with a conditional statement
+(docs/hashing.md). Tokens come in families, one per signin (docs/accounts.md).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.exc import IntegrityError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from auth import (
+    Claims,
+    Tokens,
+    authenticate,
+    bad_credentials,
+    end_family,
+    hash_password,
+    hasher,
+    no_longer_valid,
+    revoked,
+    token_claims,
+    verify_password,
+)
+from db import transaction
+from errors import error_response, field_error
+from models import User
+from schemas import (
+    AccountDeletion,
+    PasswordChange,
+    PrivateProfile,
+    ProfileUpdate,
+    Signin,
+    Signup,
+    TokenPair,
+    model_response,
+    read_json_body,
+)
+from stores import TokenFamilyStore, UserStore
+from throttle import Attempt, count_attempt
+
+
+async def signup(request: Request) -> Response:
+    data = Signup.model_validate_json(await read_json_body(request))
+    password_hash = await hash_password(data.password, request.state.hash_limiter)
+    store = UserStore(request.state.session)
+    try:
+        user = await store.create(username=data.username, email=data.email, password_hash=password_hash)
+    except IntegrityError:
+        # The unique constraints decide, so two racing signups cannot both win.
+        if await store.username_taken(data.username):
+            raise HTTPException(409, "Username already exists") from None
+        raise HTTPException(409, "Email already exists") from None
+    return model_response(PrivateProfile.model_validate(user), 201, private=True)
+
+
+async def signin(request: Request) -> Response:
+    data = Signin.model_validate_json(await read_json_body(request))
+    attempt = await count_attempt(request, data.username)  # a 429 here costs no hash
+    # A short read of its own, so that no connection or transaction is held while the hash runs.
+    async with transaction(request.state.sessionmaker) as session:
+        user = await UserStore(session).get_by_username(data.username)
+    limiter = request.state.hash_limiter
+    if not await verify_password(user.password_hash if user else None, data.password, limiter):
+        raise bad_credentials()
+    assert user is not None
+    # Made with older parameters: upgrade it.
+    new_hash = await hash_password(data.password, limiter) if hasher.check_needs_rehash(user.password_hash) else None
+    # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
+    version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
+    if version is None:
+        raise bad_credentials()
+    tokens: Tokens = request.state.tokens
+    family = uuid.uuid4().hex  # this signin's tokens, refreshed or not, are one family
+    await TokenFamilyStore(request.state.session).start(family, user.id, tokens.family_expiry())
+    await attempt.succeeded(request.state.session, clear=True)
+    return model_response(TokenPair.model_validate(tokens.issue(user.id, version, family, 0)), private=True)
+
+
+async def newest_of_its_family(request: Request) -> Claims:
+    """The claims of the request's refresh token, if it is the newest of a live family; if it is
+    an older one (a reuse), the family ends, and either way the answer is 401.
+
+    A short read of its own, before the request's transaction begins: on SQLite that transaction
+    would hold the write lock that ending the family needs.
+    """
+    claims = token_claims(request, "refresh")
+    async with transaction(request.state.sessionmaker) as session:
+        newest = await TokenFamilyStore(session).generation(claims.family, claims.user_id)
+    if newest is not None and newest != claims.generation:
+        await end_family(request.state.write_sessionmaker, claims)
+    if newest != claims.generation:
+        raise revoked()
+    return claims
+
+
+def lost_a_race(request: Request, claims: Claims) -> Response:
+    """The same refresh token, used twice at once, and the other use came first: a reuse too. The
+    family ends once this answer is sent (its own session: this request holds a write lock)."""
+    task = BackgroundTask(end_family, request.state.write_sessionmaker, claims)
+    return error_response(401, "Token has been revoked", headers=revoked().headers, background=task)
+
+
+async def refresh(request: Request) -> Response:
+    claims = await newest_of_its_family(request)
+    tokens: Tokens = request.state.tokens
+    families = TokenFamilyStore(request.state.session)
+    generation = await families.rotate(claims.family, claims.user_id, claims.generation, tokens.family_expiry())
+    if generation is None:
+        return lost_a_race(request, claims)
+    user = await UserStore(request.state.session).current(claims.user_id, claims.version, claims.family)
+    if user is None:
+        raise no_longer_valid()
+    return model_response(
+        TokenPair.model_validate(tokens.issue(user.id, user.token_version, claims.family, generation)), private=True
+    )
+
+
+async def signout(request: Request) -> Response:
+    claims = await newest_of_its_family(request)
+    if not await TokenFamilyStore(request.state.session).end(claims.family, claims.user_id, claims.generation):
+        return lost_a_race(request, claims)
+    return Response(status_code=204)  # the family has ended: its access tokens stop working too
+
+
+async def get_me(request: Request) -> Response:
+    user, _ = await authenticate(request, "access")
+    return model_response(PrivateProfile.model_validate(user), private=True)
+
+
+async def check_own_password(request: Request, claims: Claims, password: str, field: str) -> tuple[User, Attempt]:
+    """Re-authentication, for what cannot be undone: the token's user, if `password` is theirs;
+    otherwise a 400 with a field error on `field` (the token was good, so not a 401: a client that
+    treats 401 as "signed out" would drop its session over a typo). Counted by the throttle like a
+    signin; holds nothing while the hash runs."""
+    async with transaction(request.state.sessionmaker) as session:
+        user = await UserStore(session).current(claims.user_id, claims.version, claims.family)
+    if user is None:
+        raise no_longer_valid()
+    attempt = await count_attempt(request, user.username)
+    if not await verify_password(user.password_hash, password, request.state.hash_limiter):
+        raise field_error(field, "is not your current password")
+    return user, attempt
+
+
+async def update_me(request: Request) -> Response:
+    claims = token_claims(request, "access")
+    data = ProfileUpdate.model_validate_json(await read_json_body(request))
+    changes = data.model_dump(exclude_unset=True, exclude={"password"})
+    attempts = []
+    if data.password is not None:  # required with an email: a stolen token must not move the account
+        user, attempt = await check_own_password(request, claims, data.password, "password")
+        attempts.append(attempt)
+        if "email" in changes:  # "Email already exists" tells whether an address is registered: counted too
+            attempts.append(await count_attempt(request, user.username, "email"))
+    try:
+        updated = await UserStore(request.state.session).update(claims.user_id, claims.version, claims.family, changes)
+    except IntegrityError:
+        raise HTTPException(409, "Email already exists") from None
+    if updated is None:
+        raise no_longer_valid()
+    for attempt in attempts:  # they were not failures: taken back if this answer commits
+        await attempt.succeeded(request.state.session)
+    return model_response(PrivateProfile.model_validate(updated), private=True)
+
+
+async def change_password(request: Request) -> Response:
+    claims = token_claims(request, "access")
+    data = PasswordChange.model_validate_json(await read_json_body(request))
+    user, attempt = await check_own_password(request, claims, data.old_password, "old_password")
+    if data.new_password.casefold() == user.username.casefold():
+        raise field_error("new_password", "must not be your username")
+    new_hash = await hash_password(data.new_password, request.state.hash_limiter)
+    # Only if the token still holds: a racing change or deletion that committed first makes this
+    # one fail (and has ended this token) instead of being overwritten.
+    store = UserStore(request.state.session)
+    if not await store.change_password(user.id, claims.version, claims.family, new_hash):
+        raise no_longer_valid()
+    await TokenFamilyStore(request.state.session).end_all(user.id)  # every earlier token is dead already
+    await attempt.succeeded(request.state.session)
+    return Response(status_code=204)
+
+
+async def delete_me(request: Request) -> Response:
+    claims = token_claims(request, "access")
+    body = await request.body()  # no body at all is a missing password, not a wrong content type
+    data = AccountDeletion.model_validate_json(await read_json_body(request) if body else b"{}")
+    _, attempt = await check_own_password(request, claims, data.password, "password")
+    if not await UserStore(request.state.session).delete(claims.user_id, claims.version, claims.family):
+        raise no_longer_valid()
+    await attempt.succeeded(request.state.session, clear=True)
+    return Response(status_code=204)  # its families went with it: every token it had stops working
+
+
+async def me(request: Request) -> Response:
+    # One route for the three methods, so that a 405 on /api/users/me lists all of them in Allow.
+    handlers = {"GET": get_me, "HEAD": get_me, "PATCH": update_me, "DELETE": delete_me}
+    return await handlers[request.method](request)
