@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -28,7 +32,16 @@ from db import DBSessionMiddleware, SchemaRevisions, is_unavailable, make_engine
 from errors import database_error, error_response, http_error, server_error, validation_error
 from headers import SecurityHeadersMiddleware
 from limits import RequestLimitsMiddleware
-from openapi import openapi_document
+from observability import (
+    Metrics,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+    RequestLogMiddleware,
+    configure_logging,
+    metrics_directory,
+    metrics_endpoint,
+)
+from openapi import docs_routes, openapi_document
 from schemas import USERNAME_PATTERN, ListQuery, Page, PublicProfile, model_response
 from settings import Settings
 from stores import UserStore
@@ -65,6 +78,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    if request.state.draining.is_set():  # SIGTERM came: let the load balancer stop sending
+        return error_response(503, "The service is shutting down.")
     # Bounded by the pool and driver timeouts; an unreachable database answers 503 (database_error).
     try:
         found = await request.state.session.scalar(text("SELECT version_num FROM alembic_version"))
@@ -121,49 +136,72 @@ class Service(Starlette):
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_environ()
     tokens = make_tokens(settings)
+    configure_logging(settings.log_format)
+    metrics = Metrics(metrics_directory(settings)) if settings.metrics else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         # One engine (and pool) per process, made after the server starts, disposed at shutdown.
         engine = make_engine(settings)
-        try:
-            yield {
-                "engine": engine,
-                "sessionmaker": make_sessionmaker(
-                    engine, autocommit_reads=not settings.pgbouncer, close_timeout=settings.command_timeout
-                ),
-                "write_sessionmaker": make_sessionmaker(engine, writes=True, close_timeout=settings.command_timeout),
-                "hash_limiter": hash_limiter(),
-                "tokens": tokens,
-                "throttle": Throttle(
-                    settings.signin_failure_limit, settings.signin_address_failure_limit, settings.signin_failure_window
-                ),
-                "schema_revisions": SchemaRevisions.from_migrations(),
-            }
-        finally:
-            # Bounded: a database that stopped answering must not keep the process from exiting.
-            with anyio.move_on_after(settings.command_timeout) as bound:
-                await engine.dispose()
-            if bound.cancelled_caught:
-                logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
+        if metrics is not None:
+            metrics.watch_pool(engine.sync_engine)
+        with draining_on_sigterm() as draining:
+            try:
+                yield {
+                    "engine": engine,
+                    "sessionmaker": make_sessionmaker(
+                        engine, autocommit_reads=not settings.pgbouncer, close_timeout=settings.command_timeout
+                    ),
+                    "write_sessionmaker": make_sessionmaker(
+                        engine, writes=True, close_timeout=settings.command_timeout
+                    ),
+                    "hash_limiter": hash_limiter(),
+                    "tokens": tokens,
+                    "throttle": Throttle(
+                        settings.signin_failure_limit,
+                        settings.signin_address_failure_limit,
+                        settings.signin_failure_window,
+                    ),
+                    "schema_revisions": SchemaRevisions.from_migrations(),
+                    "metrics": metrics,
+                    "draining": draining,
+                }
+            finally:
+                # Bounded: a database that stopped answering must not keep the process from exiting.
+                with anyio.move_on_after(settings.command_timeout) as bound:
+                    await engine.dispose()
+                if bound.cancelled_caught:
+                    logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
+                if metrics is not None:
+                    metrics.process_ended()
 
     cors = Middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origins,
         allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
         allow_headers=["Authorization", "Content-Type"],
-        expose_headers=["Retry-After", "WWW-Authenticate"],
+        expose_headers=["Retry-After", "WWW-Authenticate", "X-Request-ID"],
         max_age=600,
     )
     return Service(
-        routes=routes,
-        # Outermost first. These wrap even Starlette's own error middleware, so that what they add is
-        # on every answer, a 500 included.
-        outer_middleware=[Middleware(SecurityHeadersMiddleware), *([cors] if settings.cors_allow_origins else [])],
+        routes=[
+            *routes,
+            *docs_routes(),
+            *([Route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)] if metrics else []),
+        ],
+        # Outermost first. These wrap even Starlette's own error middleware, so that they see, and
+        # mark, every answer, a 500 included: the request id first, as everything after it logs.
+        outer_middleware=[
+            Middleware(RequestIdMiddleware),
+            *([Middleware(RequestLogMiddleware)] if settings.request_log else []),
+            *([Middleware(MetricsMiddleware, metrics=metrics)] if metrics else []),
+            Middleware(SecurityHeadersMiddleware),
+            *([cors] if settings.cors_allow_origins else []),
+        ],
         # The body is read whole before the session is made, so no transaction waits on a client.
         middleware=[
             Middleware(RequestLimitsMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout),
-            Middleware(DBSessionMiddleware),
+            Middleware(DBSessionMiddleware, on_transaction_end=metrics.transaction_ended if metrics else None),
         ],
         exception_handlers={
             HTTPException: http_error,
@@ -175,3 +213,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
+
+
+@contextlib.contextmanager
+def draining_on_sigterm() -> Iterator[threading.Event]:
+    """An event set when SIGTERM arrives, before uvicorn's own handler (which stops accepting,
+    lets the requests in flight finish, then ends the lifespan) is called as usual."""
+    draining = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread
+        yield draining
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        draining.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield draining
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,14 +196,17 @@ class DBSessionMiddleware:
     back, and a failed commit becomes a 500 instead of the app's response.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_transaction_end: Callable[[str], None] | None = None) -> None:
         self.app = app
+        # Told how each transaction that did work ended: "commit", "rollback" or "commit_failed".
+        self.on_transaction_end = on_transaction_end or (lambda outcome: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        ended = self.on_transaction_end
         writes = scope["method"] not in ("GET", "HEAD", "OPTIONS")
         # Cheap: the session checks out a pooled connection only when first used.
         session: AsyncSession = scope["state"]["write_sessionmaker" if writes else "sessionmaker"]()
@@ -216,15 +219,21 @@ class DBSessionMiddleware:
             if commit_error is not None:
                 return  # the app's response is dropped: the client gets the 500
             if message["type"] == "http.response.start":
+                worked = session.in_transaction()
                 try:
                     if message["status"] < 400:
                         # Don't send the start message until we know the commit worked.
                         try:
                             await session.commit()
                         except Exception as exc:
+                            ended("commit_failed")
                             commit_error = CommitFailed("the commit failed, so the response was not sent")
                             raise commit_error from exc
+                        if worked:
+                            ended("commit")
                     else:
+                        if worked:
+                            ended("rollback")
                         await session.rollback()
                 finally:
                     # The request's transaction is over. Closed for good, a later use of this
@@ -238,6 +247,8 @@ class DBSessionMiddleware:
             if commit_error is not None:
                 raise commit_error  # the app swallowed it; the outer error middleware answers 500
         finally:
+            if session.in_transaction():  # the app raised (or was cancelled) before it answered
+                ended("rollback")
             await close_session(session)
 
 

@@ -79,6 +79,8 @@ async def database_error(request: Request, exc: Exception) -> Response:
     if not is_unavailable(exc):
         raise exc
     logger.warning("database unavailable: %r", exc)
+    if request.state.metrics is not None:
+        request.state.metrics.unavailable.inc()
     return error_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
 
 

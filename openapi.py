@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document, generated from the pydantic models that validate and shape the API.
+"""The OpenAPI 3.1 document, generated from the pydantic models that validate and shape the API,
+and /docs, the interactive page that shows it.
 
 Each route in app.py has one `Operation` here; a test checks that the two lists match.
 """
@@ -6,11 +7,17 @@ Each route in app.py has one `Operation` here; a test checks that the two lists 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from schemas import (
     COMMON_PASSWORD_RULE,
@@ -186,3 +193,44 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }
+
+
+# --- /docs: Swagger UI, served by the service itself ---------------------------------------------
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>users: API documentation</title>
+  <link rel="stylesheet" href="docs/assets/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs/assets/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({
+      url: "openapi.json", dom_id: "#swagger-ui", deepLinking: true,
+      defaultModelsExpandDepth: -1,  // the schemas show in each operation; the list would repeat them
+    });
+  </script>
+</body>
+</html>
+"""
+
+
+async def docs_page(request: Request) -> Response:
+    return HTMLResponse(DOCS_PAGE)
+
+
+def docs_routes() -> list[BaseRoute]:
+    """/docs and its assets: Swagger UI (5.x, which reads OpenAPI 3.1) from the pinned swagger-ui-py
+    package's files, served from here, so that no CDN is needed (a container often has no outside
+    network). "Try it out" calls this same origin (the document's server is "/")."""
+    spec = importlib.util.find_spec("swagger_ui")  # only its files: importing it would load Jinja2
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed (requirements.txt)")
+    assets = Path(spec.submodule_search_locations[0]) / "static"
+    return [
+        Route("/docs", docs_page, methods=["GET"], include_in_schema=False),
+        Mount("/docs/assets", app=StaticFiles(directory=assets), name="docs-assets"),
+    ]

@@ -36,6 +36,10 @@ class Settings:
     web_concurrency: int = 1
     application_name: str = "users"
     pgbouncer: bool = False
+    log_format: str = "text"
+    request_log: bool = True
+    metrics: bool = True
+    metrics_dir: str | None = None
 
     @classmethod
     def from_environ(cls) -> Settings:
@@ -65,7 +69,17 @@ class Settings:
             web_concurrency=config("WEB_CONCURRENCY", cast=int, default=cls.web_concurrency),
             application_name=config("DB_APPLICATION_NAME", default=cls.application_name),
             pgbouncer=config("DB_PGBOUNCER", cast=bool, default=cls.pgbouncer),
+            log_format=config("LOG_FORMAT", cast=log_format, default=cls.log_format),
+            request_log=config("REQUEST_LOG", cast=bool, default=cls.request_log),
+            metrics=config("METRICS", cast=bool, default=cls.metrics),
+            metrics_dir=config("METRICS_DIR", default=None) or None,
         )
+
+
+def log_format(value: str) -> str:
+    if value not in ("json", "text"):
+        raise ValueError(f"LOG_FORMAT must be json or text, not {value!r}")
+    return value
 
 
 def comma_separated(value: str) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ import httpx
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SUMMARY: list[dict[str, Any]] = []  # one row a scenario, printed at the end of the run (conftest)
 # What scripts/serve and the image give uvicorn (tests/test_deploy.py keeps them the same).
-SERVE_FLAGS = ["--http", "limits:BoundedHttpToolsProtocol", "--no-server-header"]
+SERVE_FLAGS = ["--http", "limits:BoundedHttpToolsProtocol", "--no-server-header", "--no-access-log"]
 
 
 def free_port() -> int:
@@ -215,9 +215,7 @@ class Service:
         command = [sys.executable, "-m", "uvicorn", app, "--factory", *SERVE_FLAGS, "--port", str(self.port)]
         command += ["--app-dir", str(PROJECT_DIR / "tests")] if not app.startswith("app:") else []
         self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [*command, "--no-access-log"], cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while True:
             try:

@@ -36,4 +36,6 @@ def test_the_image_copies_every_module_the_app_imports() -> None:
 def test_the_service_is_served_the_same_way_everywhere() -> None:
     """scripts/serve, the image and the tests' uvicorn get the same flags (the head limit, no banner)."""
     for script in ("scripts/serve", "scripts/container-start"):
-        assert " ".join(SERVE_FLAGS) in (PROJECT_DIR / script).read_text(), script
+        text = (PROJECT_DIR / script).read_text()
+        assert " ".join(SERVE_FLAGS) in text.replace("\\\n    ", ""), script
+        assert '--timeout-graceful-shutdown "${GRACEFUL_TIMEOUT:-20}"' in text, script
