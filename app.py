@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import logging
 import re
 import signal
@@ -28,16 +30,24 @@ from starlette.types import ASGIApp
 
 from accounts import change_password, me, refresh, signin, signout, signup
 from auth import hash_limiter, make_tokens
-from db import DBSessionMiddleware, SchemaRevisions, is_unavailable, make_engine, make_sessionmaker
+from db import (
+    DBSessionMiddleware,
+    SchemaRevisions,
+    is_unavailable,
+    make_engine,
+    make_sessionmaker,
+    reads_in_autocommit,
+)
 from errors import database_error, error_response, http_error, server_error, validation_error
 from headers import SecurityHeadersMiddleware
 from limits import RequestLimitsMiddleware
 from observability import (
     Metrics,
-    MetricsMiddleware,
     RequestIdMiddleware,
-    RequestLogMiddleware,
+    RequestTelemetryMiddleware,
     configure_logging,
+    flush_logs,
+    flush_logs_periodically,
     metrics_directory,
     metrics_endpoint,
 )
@@ -142,18 +152,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         # One engine (and pool) per process, made after the server starts, disposed at shutdown.
-        engine = make_engine(settings)
+        autocommit = reads_in_autocommit(settings)
+        engine = make_engine(settings, autocommit=autocommit)
         if metrics is not None:
             metrics.watch_pool(engine.sync_engine)
+        flusher = asyncio.create_task(flush_logs_periodically())
+        # What start-up made (modules, models, compiled statements) lives as long as the process:
+        # kept out of the collector's way, so that its collections stop walking all of it again.
+        gc.collect()
+        gc.freeze()
         with draining_on_sigterm() as draining:
             try:
                 yield {
                     "engine": engine,
                     "sessionmaker": make_sessionmaker(
-                        engine, autocommit_reads=not settings.pgbouncer, close_timeout=settings.command_timeout
+                        engine, autocommit=autocommit, close_timeout=settings.command_timeout
                     ),
                     "write_sessionmaker": make_sessionmaker(
-                        engine, writes=True, close_timeout=settings.command_timeout
+                        engine, writes=True, autocommit=autocommit, close_timeout=settings.command_timeout
                     ),
                     "hash_limiter": hash_limiter(),
                     "tokens": tokens,
@@ -174,6 +190,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
                 if metrics is not None:
                     metrics.process_ended()
+                flusher.cancel()
+                flush_logs()
 
     cors = Middleware(
         CORSMiddleware,
@@ -193,8 +211,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # mark, every answer, a 500 included: the request id first, as everything after it logs.
         outer_middleware=[
             Middleware(RequestIdMiddleware),
-            *([Middleware(RequestLogMiddleware)] if settings.request_log else []),
-            *([Middleware(MetricsMiddleware, metrics=metrics)] if metrics else []),
+            *(
+                [Middleware(RequestTelemetryMiddleware, metrics=metrics, log=settings.request_log)]
+                if metrics or settings.request_log
+                else []
+            ),
             Middleware(SecurityHeadersMiddleware),
             *([cors] if settings.cors_allow_origins else []),
         ],

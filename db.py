@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,13 +34,16 @@ def async_url(url: str) -> URL:
     return parsed.set(drivername=driver.get(parsed.drivername, parsed.drivername))
 
 
-def make_engine(settings: Settings, *, pooled: bool = True) -> AsyncEngine:
-    """One engine per process: it owns the connection pool."""
+def make_engine(settings: Settings, *, pooled: bool = True, autocommit: bool = False) -> AsyncEngine:
+    """One engine per process: it owns the connection pool. `autocommit`: its connections are in
+    autocommit unless a session asks for a transaction (see reads_in_autocommit)."""
     url = async_url(settings.database_url)
     # hide_parameters: a failed statement's error (and so its logged traceback) must not carry its
     # bound values, which may be a password hash, an email or a token id.
     kwargs: dict[str, Any] = {"pool_pre_ping": settings.pool_pre_ping, "hide_parameters": True}
-    if pooled and not settings.pgbouncer:
+    if autocommit:
+        kwargs["isolation_level"] = "AUTOCOMMIT"
+    if pooled:
         kwargs.update(
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
@@ -51,26 +53,33 @@ def make_engine(settings: Settings, *, pooled: bool = True) -> AsyncEngine:
     else:
         kwargs["poolclass"] = NullPool
     if url.get_backend_name() == "postgresql":
-        # asyncpg waits 60 s to connect and forever for a statement unless told otherwise.
-        kwargs["connect_args"] = {
-            "timeout": settings.connect_timeout,
-            "command_timeout": settings.command_timeout,
-            # So that pg_stat_activity tells the service's connections apart.
-            "server_settings": {"application_name": settings.application_name},
-        }
-        if settings.pgbouncer:
-            # PgBouncer in transaction mode gives each transaction whichever server connection is
-            # free (and NullPool above leaves the pooling to it): no prepared statement may be
-            # cached past its transaction, and no two may share a name.
-            kwargs["connect_args"] |= {
-                "statement_cache_size": 0,
-                "prepared_statement_cache_size": 0,
-                "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
-            }
+        kwargs["connect_args"] = asyncpg_connect_args(settings)
         return create_async_engine(url, **kwargs)
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
+
+
+def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
+    # asyncpg waits 60 s to connect and forever for a statement unless told otherwise.
+    connect_args: dict[str, Any] = {
+        "timeout": settings.connect_timeout,
+        "command_timeout": settings.command_timeout,
+        # So that pg_stat_activity tells the service's connections apart.
+        "server_settings": {"application_name": settings.application_name},
+    }
+    if settings.pgbouncer:
+        # PgBouncer in transaction mode gives each transaction whichever server connection is
+        # free, so nothing may outlive its transaction on a server connection: no statement is
+        # cached, and each is unnamed (prepared, bound and run in its own transaction, then
+        # replaced by the next Parse), so none is left behind for another client to meet. The
+        # pool keeps client connections to PgBouncer open: connecting was the most of the cost.
+        connect_args |= {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: "",
+        }
+    return connect_args
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -92,29 +101,34 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
 
+def reads_in_autocommit(settings: Settings) -> bool:
+    """On PostgreSQL a reading request runs in autocommit: under READ COMMITTED every statement has
+    its own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips. Not
+    behind PgBouncer in transaction mode: there asyncpg's prepare and execute must stay inside one
+    transaction, or they may reach two different servers."""
+    return async_url(settings.database_url).get_backend_name() == "postgresql" and not settings.pgbouncer
+
+
 def make_sessionmaker(
-    engine: AsyncEngine, *, writes: bool = False, autocommit_reads: bool = True, close_timeout: float = 10.0
+    engine: AsyncEngine, *, writes: bool = False, autocommit: bool = False, close_timeout: float = 10.0
 ) -> async_sessionmaker[AsyncSession]:
     """Sessions for requests that may write, or (writes=False) for GET and HEAD, which only read.
 
-    On SQLite a writing request begins with BEGIN IMMEDIATE (see _configure_sqlite). On
-    PostgreSQL a reading request runs in autocommit: under READ COMMITTED every statement has its
-    own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips. Not
-    behind PgBouncer in transaction mode (autocommit_reads=False): there asyncpg's prepare and
-    execute must stay inside one transaction, or they may reach two different servers.
+    On SQLite a writing request begins with BEGIN IMMEDIATE (see _configure_sqlite). With an
+    engine whose connections are in autocommit (`autocommit`: make_engine's, for reads), a writing
+    request asks for READ COMMITTED transactions: reads, the most of the traffic, then switch no
+    isolation level.
 
     A closed session stays closed (close_resets_only=False): whatever uses it after its
     transaction ended gets an error instead of a new transaction that nobody would commit.
     """
     if writes:
-        bind = engine.execution_options(sqlite_begin="IMMEDIATE")
-    elif engine.dialect.name == "postgresql" and autocommit_reads:
-        bind = engine.execution_options(isolation_level="AUTOCOMMIT")
+        options = {"isolation_level": "READ COMMITTED"} if autocommit else {"sqlite_begin": "IMMEDIATE"}
+        bind = engine.execution_options(**options)
     else:
         bind = engine
-    return async_sessionmaker(
-        bind, expire_on_commit=False, close_resets_only=False, info={"close_timeout": close_timeout}
-    )
+    info = {"close_timeout": close_timeout, "autocommit": autocommit and not writes}
+    return async_sessionmaker(bind, expire_on_commit=False, close_resets_only=False, info=info)
 
 
 # SQLSTATEs that mean "not now": connection exceptions (08), insufficient resources such as too
@@ -222,9 +236,11 @@ class DBSessionMiddleware:
                 worked = session.in_transaction()
                 try:
                     if message["status"] < 400:
-                        # Don't send the start message until we know the commit worked.
+                        # Don't send the start message until we know the commit worked. (In
+                        # autocommit every statement has committed on its own: nothing to do.)
                         try:
-                            await session.commit()
+                            if not session.info["autocommit"]:
+                                await session.commit()
                         except Exception as exc:
                             ended("commit_failed")
                             commit_error = CommitFailed("the commit failed, so the response was not sent")

@@ -3,6 +3,8 @@ Prometheus metrics for the whole service (every worker's), cheap enough to leave
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextvars
 import logging
 import os
@@ -63,12 +65,16 @@ def route_of(scope: Scope) -> str:
     return str(getattr(route, "path_format", "unmatched"))
 
 
-class RequestLogMiddleware:
+class RequestTelemetryMiddleware:
     """One log line per request, in place of uvicorn's access log, written once the answer is out
-    (so it adds nothing to the response's latency)."""
+    (so it adds nothing to the response's latency), and the request counted and timed for the
+    metrics, by method, route template and status (not /metrics itself). One class for both: each
+    wrapper around `send` costs every request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None, log: bool) -> None:
         self.app = app
+        self.metrics = metrics
+        self.log = log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,26 +92,36 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            client = scope.get("client")
-            route, duration_ms = route_of(scope), round((time.perf_counter() - start) * 1000, 3)
-            access_logger.log(
-                logging.ERROR if status >= 500 else logging.WARNING if status == 0 else logging.INFO,
-                "%s %s %s %.3f ms route=%s client=%s",
-                scope["method"],
-                scope["path"],
-                status,
-                duration_ms,
-                route,
-                client[0] if client else "-",
-                extra={
-                    "method": scope["method"],
-                    "route": route,
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": duration_ms,
-                    "client": client[0] if client else None,
-                },
-            )
+            seconds, route = time.perf_counter() - start, route_of(scope)
+            if self.metrics is not None and route != "/metrics":
+                self.metrics.observe(scope["method"], route, status, seconds)
+            if self.log:
+                self.log_line(scope, route, status, seconds)
+
+    def log_line(self, scope: Scope, route: str, status: int, seconds: float) -> None:
+        level = logging.ERROR if status >= 500 else logging.WARNING if status == 0 else logging.INFO
+        if access_logger.isEnabledFor(level):
+            access_logger.handle(AccessRecord(level, scope, route, status, seconds))
+
+
+class AccessRecord(logging.LogRecord):
+    """A request's log line, as a record that carries what its formatters read and no more: a
+    LogRecord's own __init__ fills in some twenty attributes (the caller's file and module, thread
+    and process names...) that cost more than the line, a line per request."""
+
+    def __init__(self, level: int, scope: Scope, route: str, status: int, seconds: float) -> None:
+        client = scope.get("client")
+        self.method, self.route, self.path, self.status = scope["method"], route, scope["path"], status
+        self.duration_ms, self.client = round(seconds * 1000, 3), client[0] if client else None
+        self.name, self.levelno, self.levelname = access_logger.name, level, logging.getLevelName(level)
+        self.msg = "%s %s %s %.3f ms route=%s client=%s"
+        self.args = (self.method, self.path, status, self.duration_ms, route, self.client or "-")
+        self.created = time.time()
+        self.msecs, self.relativeCreated = self.created % 1 * 1000, 0.0
+        self.exc_info = self.exc_text = self.stack_info = None
+        # Empty, for any other handler's format that names them (a test runner's does).
+        self.pathname = self.filename = self.module = self.funcName = ""
+        self.lineno, self.thread, self.threadName, self.process, self.processName = 0, None, None, None, None
 
 
 class RequestIdFilter(logging.Filter):
@@ -117,24 +133,68 @@ class RequestIdFilter(logging.Filter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s request_id=%(request_id)s"
+FLUSH_SECONDS = 0.2
 
 
-class StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever sys.stdout is when a line is written (a test runner swaps it)."""
+class TextFormatter(logging.Formatter):
+    """logging's own text format, with the timestamp's seconds formatted once per second."""
 
-    @property
-    def stream(self) -> Any:
-        return sys.stdout
+    _second: int | None = None
+    _stamp = ""
 
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
+class StdoutHandler(logging.Handler):
+    """Lines to whatever sys.stdout is when they are written (a test runner swaps it), in batches:
+    one write a FLUSH_SECONDS (a write and a flush a line, with PYTHONUNBUFFERED as in the image,
+    cost a system call each), at once for a warning or an error, and at shutdown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self.lines) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self.lines:
+                lines, self.lines = self.lines, []
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+
+
+async def flush_logs_periodically() -> None:
+    """The lifespan runs this: what the handlers hold is written every FLUSH_SECONDS."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        flush_logs()
+
+
+def flush_logs() -> None:
+    for handler in logging.getLogger("users").handlers:
+        handler.flush()
 
 
 def configure_logging(log_format: str) -> None:
     """Log lines on stdout: JSON objects (LOG_FORMAT=json) or text. The service's own loggers get
     a handler; uvicorn's keep theirs (which uvicorn set up before the app was loaded) with the same
     formatter and filter, so that its startup lines and tracebacks read the same way."""
+    # What logging's documentation lists under "Optimization": no record needs its caller's file
+    # and line, or thread and process names (a line per request would pay for them each time).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -143,17 +203,24 @@ def configure_logging(log_format: str) -> None:
             rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
         )
     else:
-        formatter = logging.Formatter(TEXT_FORMAT)
+        formatter = TextFormatter(TEXT_FORMAT)
     handler = StdoutHandler()
     handler.setFormatter(formatter)
     handler.addFilter(RequestIdFilter())
     service = logging.getLogger("users")
+    for old in service.handlers:
+        old.flush()
     service.handlers = [handler]
     service.setLevel(logging.INFO)
     for name in ("uvicorn", "uvicorn.error"):
         for uvicorn_handler in logging.getLogger(name).handlers:
             uvicorn_handler.setFormatter(formatter)
             uvicorn_handler.addFilter(RequestIdFilter())
+    if not _flush_at_exit:
+        _flush_at_exit.append(atexit.register(flush_logs))
+
+
+_flush_at_exit: list[object] = []
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -216,6 +283,7 @@ class Metrics:
             "db_unavailable_total", "Answers that said 503: the database was unavailable.", registry=registry
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._outcomes: dict[str, Any] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)
@@ -227,7 +295,10 @@ class Metrics:
         children[1].observe(seconds)
 
     def transaction_ended(self, outcome: str) -> None:
-        self.transactions.labels(outcome).inc()
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.transactions.labels(outcome)
+        child.inc()
 
     def watch_pool(self, pool_events_target: Any) -> None:
         """Keep the pool gauges current from the pool's own events."""
@@ -254,34 +325,6 @@ class Metrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid(), path=str(self.directory))  # type: ignore[no-untyped-call]
-
-
-class MetricsMiddleware:
-    """Count every answer and time it, by method, route template and status (not /metrics)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 0
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = route_of(scope)
-            if route != "/metrics":
-                self.metrics.observe(scope["method"], route, status, time.perf_counter() - start)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -55,7 +55,7 @@ async def signup(request: Request) -> Response:
     password_hash = await anyio.to_thread.run_sync(hasher.hash, data["password"], limiter=request.state.limiter)
     insert = (
         "INSERT INTO users (username, username_key, email, email_key, password_hash, created_at)"
-        " VALUES ($1, lower($1), $2, lower($2), $3, now())"
+        " VALUES ($1::varchar, lower($1::varchar), $2::varchar, lower($2::varchar), $3, now())"
     )
     row = await request.state.pool.fetchrow(f"{insert} RETURNING id, username, created_at", data["username"],
                                             data["email"], password_hash)  # fmt: skip

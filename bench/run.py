@@ -3,9 +3,10 @@
 Each app runs in its own single-worker uvicorn (uvloop, httptools, no access log) and is loaded
 with wrk from this machine, in alternating order over several rounds:
 
-    service   app:create_app, the service itself, with the defaults the README documents
+    service   app:create_app, the service itself, as scripts/serve runs it, with its defaults
     limit     bench/limit_app.py: the same lookups on a raw asyncpg pool (no ORM, no session)
     fastapi   bench/fastapi_app.py: the textbook FastAPI session dependency and a UserStore
+    litestar  bench/litestar_app.py: Litestar with advanced-alchemy's plugin, as documented
 
 It prints a table of medians and ratios against the limit of the same round and writes it to
 bench/results.md (or bench/out/ with --smoke, the 20-second run CI does so that this cannot rot).
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -36,16 +38,31 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "tests"))  # chaos.py: free_port, PgBouncer
 
+import soak  # noqa: E402  (bench/soak.py, beside this file)
+
 from auth import Tokens, hasher  # noqa: E402
-from chaos import PgBouncer, free_port  # noqa: E402
+from chaos import SERVE_FLAGS, PgBouncer, free_port  # noqa: E402
 from db import upgrade_schema  # noqa: E402
 
 SECRET = "bench-secret-" + "b" * 40
 BENCH_FAMILY = "b" * 32
-APPS = {
-    "service": ["app:create_app", "--factory"],
-    "limit": ["limit_app:app", "--app-dir", "bench"],
-    "fastapi": ["fastapi_app:app", "--app-dir", "bench"],
+# The service runs as scripts/serve runs it (SERVE_FLAGS: the bounded head parser, no Server
+# banner, its own request log in place of uvicorn's), with its defaults: request logs and metrics
+# on, the log written to a file. The variants differ from it in one thing each, and are measured
+# on lookups only, beside it in every round: what that one thing costs.
+SERVICE = ["app:create_app", "--factory", *SERVE_FLAGS]
+APPS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "service": (SERVICE, {}),
+    "limit": (["limit_app:app", "--app-dir", "bench", "--http", "httptools", "--no-access-log"], {}),
+    "fastapi": (["fastapi_app:app", "--app-dir", "bench", "--http", "httptools", "--no-access-log"], {}),
+    "litestar": (["litestar_app:app", "--app-dir", "bench", "--http", "httptools", "--no-access-log"], {}),
+}
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "service, logs and metrics off": (SERVICE, {"REQUEST_LOG": "false", "METRICS": "false"}),
+    "service, plain httptools": (
+        ["app:create_app", "--factory", "--http", "httptools", "--no-server-header", "--no-access-log"],
+        {},
+    ),
 }
 WRK_DONE = """
 done = function(summary, latency, requests)
@@ -109,9 +126,9 @@ def family(pid: int) -> list[int]:
     return [pid, *(int(child) for child in children.read_text().split())] if children.exists() else [pid]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, *, alone: bool = False) -> float:
     total = 0.0
-    for member in family(pid):
+    for member in [pid] if alone else family(pid):
         fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
@@ -131,10 +148,13 @@ class App:
     def __init__(self, name: str, database_url: str, env: dict[str, str], workers: int = 1) -> None:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "uvicorn", *APPS[name], "--port", str(self.port), "--workers", str(workers)]
-        command += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-        full_env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": SECRET, **env}
-        self.process = subprocess.Popen(command, cwd=PROJECT, env=full_env)
+        arguments, app_env = {**APPS, **VARIANTS}[name]
+        command = [sys.executable, "-m", "uvicorn", *arguments, "--port", str(self.port), "--workers", str(workers)]
+        command += ["--loop", "uvloop"]
+        full_env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": SECRET, **env, **app_env}
+        # Its log lines go to a file, as a container runtime takes them from a pipe: written, not shown.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(command, cwd=PROJECT, env=full_env, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -149,6 +169,7 @@ class App:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
         self.process.wait(20)
+        self.log.close()
 
 
 class Postgres:
@@ -216,10 +237,17 @@ def measure(app: App, db: Postgres, scenario: str, connections: int, seconds: fl
     token = Tokens(SECRET, 3600, 3600).issue(1, 0, BENCH_FAMILY, 0)["access_token"]
     headers = {"Authorization": f"Bearer {token}"} if scenario == "me" else {}
     samples: list[int] = []
+    workers: dict[str, Any] = {}
 
-    def sample() -> None:  # PostgreSQL connections in the middle of the run
+    def sample() -> None:  # in the middle of the run: PostgreSQL's connections, and how busy everything is
+        before = (machine_cpu_seconds(), {pid: cpu_seconds(pid, alone=True) for pid in family(app.process.pid)})
         time.sleep(seconds / 2)
         samples.append(sum(db.connections().values()))
+        workers["connections"] = connections_per_process(app.port)
+        after = (machine_cpu_seconds(), {pid: cpu_seconds(pid, alone=True) for pid in before[1]})
+        span = seconds / 2 - 0.0
+        workers["machine_busy"] = (after[0] - before[0]) / span / (os.cpu_count() or 1)
+        workers["cpu"] = {pid: (after[1][pid] - before[1][pid]) / span for pid in before[1]}
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -230,8 +258,27 @@ def measure(app: App, db: Postgres, scenario: str, connections: int, seconds: fl
     return Run(
         app.name, scenario, connections, result["requests"] / result["seconds"], result["p50"] / 1000,
         result["p99"] / 1000, result["max"] / 1000, result["non2xx"], result["socket_errors"],
-        cpu * 1000 / max(result["requests"], 1), samples[0],
+        cpu * 1000 / max(result["requests"], 1), samples[0], workers,
     )  # fmt: skip
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time spent by the whole machine (every process), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    idle = int(fields[3]) + int(fields[4])
+    return (sum(int(f) for f in fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def connections_per_process(port: int) -> dict[int, int]:
+    """How many of the established client connections to `port` each process holds (uvicorn's
+    workers share one listening socket: whichever accepts a connection keeps it)."""
+    output = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    counts: dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", output):
+        counts[int(pid)] = counts.get(int(pid), 0) + 1
+    return counts
 
 
 def read_after_write(app: App, prefix: str, pairs: int) -> int:
@@ -241,7 +288,8 @@ def read_after_write(app: App, prefix: str, pairs: int) -> int:
         for i in range(pairs):
             name = f"{prefix}raw{i:05d}"
             body = {"username": name, "password": "Kiwi-Tango-57", "email": f"{name}@example.com"}
-            assert client.post("/api/users/signup", json=body).status_code == 201
+            created = client.post("/api/users/signup", json=body)
+            assert created.status_code == 201, created.text
             misses += client.get(f"/api/users/{name}").status_code == 404
     return misses
 
@@ -273,12 +321,15 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--scale-users", type=int, default=1_000_000)
     parser.add_argument("--smoke", action="store_true", help="a 20-second check that the harness works")
-    parser.add_argument("--apps", default="service,limit,fastapi")
+    parser.add_argument("--apps", default="service,limit,fastapi,litestar")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)")
     parser.add_argument("--service-workers", type=int, default=1, help="uvicorn workers for the service")
     parser.add_argument("--pgbouncer", action="store_true", help="the service reaches PostgreSQL through PgBouncer")
     parser.add_argument("--out", help="where to write the results (default: bench/results.md)")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1,000,000-user scale checks")
+    parser.add_argument(
+        "--soak", type=float, nargs="?", const=10.0, metavar="MINUTES", help="only the soak (default 10 minutes)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.seconds, args.users = 1, 1, 2000
@@ -291,6 +342,9 @@ def main() -> None:
     with ThreadPoolExecutor(1) as pool:
         pool.submit(upgrade_schema, db.url).result()
     db.seed(args.users)
+    if args.soak is not None:
+        run_soak(args, db, service_env)
+        return
     if args.pgbouncer:  # transaction mode, as tests/test_pgbouncer.py runs it
         bouncer = PgBouncer(int(db.url.rsplit(":", 1)[1].split("/")[0]))
         service_env["DB_PGBOUNCER"] = "true"
@@ -307,26 +361,28 @@ def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, servic
     plan = [("lookup", 32), ("lookup", 256), ("me", 32), ("me", 256), ("list", 32), ("list", 256), ("signup", 32)]
     if args.smoke:
         plan = [("lookup", 32), ("me", 32), ("list", 32), ("signup", 32)]
-    apps = args.apps.split(",")
+    apps = args.apps.split(",") + ([] if args.smoke or "service" not in args.apps else list(VARIANTS))
     runs: list[list[Run]] = []
     notes: dict[str, Any] = {"rss": {}, "after": {}, "read_after_write": {}}
     for round_ in range(args.rounds):
         order = apps if round_ % 2 == 0 else apps[::-1]  # alternate, so no app always runs first
         for name in order:
-            if name == "service":
+            if name == "service" or name in VARIANTS:
                 app = App(name, service_url, service_env, args.service_workers)
             else:
                 app = App(name, db.url, {})
             try:
-                for scenario, connections in plan:
+                for scenario, connections in plan if name not in VARIANTS else [("lookup", 32)]:
                     prefix = f"r{round_}{name[0]}{connections % 100}"
                     run = measure(app, db, scenario, connections, args.seconds, args.users, prefix)
                     if scenario == "list":
                         notes["rss"].setdefault((name, "read"), []).append(peak_rss_mb(app.process.pid))
                     runs.append([run])
-                    print(f"round {round_ + 1} {name:8} {scenario:7} c={connections:<4} {run.rps:8.0f} req/s  "
+                    print(f"round {round_ + 1} {name:30} {scenario:7} c={connections:<4} {run.rps:8.0f} req/s  "
                           f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:7.2f} ms  non-2xx {run.non2xx}  "
                           f"errors {run.socket_errors}", flush=True)  # fmt: skip
+                if name in VARIANTS:
+                    continue
                 notes["rss"].setdefault((name, "signup"), []).append(peak_rss_mb(app.process.pid))
                 notes["read_after_write"].setdefault(name, []).append(
                     read_after_write(app, f"w{round_}{name[0]}", 30 if args.smoke else 300)
@@ -347,6 +403,22 @@ def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, servic
     out.parent.mkdir(exist_ok=True)
     out.write_text(report)
     print(f"written to {out.resolve()}")
+
+
+def run_soak(args: argparse.Namespace, db: Postgres, service_env: dict[str, str]) -> None:
+    app = App("service", db.url, service_env)
+    try:
+        samples = asyncio.run(
+            soak.soak(app.url, app.process.pid, lambda: sum(db.connections().values()), args.soak, args.users)
+        )
+    finally:
+        app.stop()
+    (PROJECT / "bench" / "soak.md").write_text(soak.report(samples, args.soak))
+    (PROJECT / "bench" / "soak.svg").write_text(soak.svg(samples))
+    ok, text = soak.verdict(samples)
+    print(text)
+    if not ok:
+        raise SystemExit(1)
 
 
 def scale_checks(db: Postgres, args: argparse.Namespace, service_env: dict[str, str]) -> dict[str, float]:
@@ -372,7 +444,8 @@ def scale_checks(db: Postgres, args: argparse.Namespace, service_env: dict[str, 
 def render(
     runs: list[list[Run]], notes: dict[str, Any], hash_rate: float, scale: dict[str, float], args: argparse.Namespace
 ) -> str:
-    flat = [run for group in runs for run in group]
+    every = [run for group in runs for run in group]
+    flat = [run for run in every if run.app not in VARIANTS]
     keys = sorted({(r.scenario, r.connections) for r in flat}, key=lambda k: (list(SCENARIOS).index(k[0]), k[1]))
     apps = list(dict.fromkeys(r.app for r in flat))
 
@@ -422,9 +495,63 @@ def render(
         f"Bare Argon2id rate with the service's parameters (m=19 MiB, t=2, p=1), one thread per CPU: "
         f"{hash_rate:.1f} hashes/s. Service signups: {signup:.1f}/s = **{signup / hash_rate:.2f}×** the bare rate.",
     ]
+    if args.service_workers > 1:
+        lines += ["", *workers_section(flat)]
+    costs = cost_rows(every)
+    if costs:
+        lines += [
+            "",
+            "What a default costs: lookups at 32 connections, the service as it runs by default against the same "
+            "service with one thing changed, started and measured beside it in every round (median of the "
+            "per-round ratios; above 1 means the default is faster).",
+            "",
+            "| variant | req/s | default ÷ variant |",
+            "|---|---|---|",
+            *costs,
+        ]
     if scale:
         lines += ["", "| scale check | p50 ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in scale.items()]
     return "\n".join(lines) + "\n"
+
+
+def workers_section(runs: list[Run]) -> list[str]:
+    """Where a 2-worker run's tail comes from: the machine's CPUs, and how the connections and the
+    work split between the workers (sampled halfway through each run)."""
+    lines = [
+        "Workers, sampled halfway through each run of the service: how busy the machine's CPUs were "
+        "(every process: the workers, wrk and PostgreSQL), and each worker's client connections and CPU.",
+        "",
+        "| scenario | conns | machine CPUs busy | connections per worker | CPU per worker (cores) | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        if run.app != "service" or "cpu" not in run.extra:
+            continue
+        cpu, held = run.extra["cpu"], run.extra["connections"]
+        workers = sorted(pid for pid in cpu if pid in held or cpu[pid] > 0.05)
+        lines.append(
+            f"| {run.scenario} | {run.connections} | {run.extra['machine_busy'] * 100:.0f}% "
+            f"| {' / '.join(str(held.get(pid, 0)) for pid in workers)} "
+            f"| {' / '.join(f'{cpu[pid]:.2f}' for pid in workers)} | {run.p99_ms:.1f} |"
+        )
+    return lines
+
+
+def cost_rows(runs: list[Run]) -> list[str]:
+    rounds: dict[str, list[tuple[float, float]]] = {}
+    service = [r for r in runs if r.app == "service" and (r.scenario, r.connections) == ("lookup", 32)]
+    variants = [r for r in runs if r.app in VARIANTS]
+    for run in variants:
+        rounds.setdefault(run.app, [])
+    # Pair each variant's run with the service's run of the same round (both lists are in round order).
+    for name in rounds:
+        mine = [r for r in variants if r.app == name]
+        rounds[name] = [(base.rps, run.rps) for base, run in zip(service, mine, strict=False)]
+    return [
+        f"| {name} | {statistics.median(v for _, v in pairs):,.0f} | {statistics.median(b / v for b, v in pairs):.3f} |"
+        for name, pairs in rounds.items()
+        if pairs
+    ]
 
 
 if __name__ == "__main__":

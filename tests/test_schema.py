@@ -9,10 +9,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
-from sqlalchemy.pool import NullPool
 
 from conftest import Database, in_thread
-from db import SchemaRevisions, async_url, make_engine, upgrade_schema
+from db import SchemaRevisions, async_url, asyncpg_connect_args, make_engine, reads_in_autocommit, upgrade_schema
 from models import Base
 from settings import Settings
 
@@ -137,10 +136,15 @@ async def test_the_engine_applies_the_pool_settings(database_url: str) -> None:
         await engine.dispose()
 
 
-async def test_behind_pgbouncer_the_engine_leaves_pooling_to_pgbouncer() -> None:
+async def test_behind_pgbouncer_statements_are_unnamed_and_never_cached() -> None:
     # What the flag changes in behaviour is proven against a real PgBouncer (test_pgbouncer.py).
-    engine = make_engine(Settings(database_url="postgresql://u@127.0.0.1:1/users", pgbouncer=True))
+    settings = Settings(database_url="postgresql://u@127.0.0.1:1/users", pgbouncer=True, pool_size=4)
+    engine = make_engine(settings, autocommit=reads_in_autocommit(settings))
     try:
-        assert isinstance(engine.sync_engine.pool, NullPool)
+        connect_args = asyncpg_connect_args(settings)
+        assert engine.sync_engine.pool.size() == 4  # type: ignore[attr-defined]  # a pool of client connections
+        assert (connect_args["statement_cache_size"], connect_args["prepared_statement_cache_size"]) == (0, 0)
+        assert connect_args["prepared_statement_name_func"]() == ""  # unnamed: nothing left on a server
+        assert not reads_in_autocommit(settings)  # reads in transactions: prepare and execute on one server
     finally:
         await engine.dispose()
