@@ -42,7 +42,7 @@ from schemas import (
     model_response,
     read_json_body,
 )
-from stores import TokenFamilyStore, UserStore
+from stores import TokenFamilyStore, UserStore, taken_key
 from throttle import Attempt, count_attempt
 
 
@@ -52,11 +52,9 @@ async def signup(request: Request) -> Response:
     store = UserStore(request.state.session)
     try:
         user = await store.create(username=data.username, email=data.email, password_hash=password_hash)
-    except IntegrityError:
+    except IntegrityError as error:
         # The unique constraints decide, so two racing signups cannot both win.
-        if await store.username_taken(data.username):
-            raise HTTPException(409, "Username already exists") from None
-        raise HTTPException(409, "Email already exists") from None
+        raise HTTPException(409, f"{taken_key(error).capitalize()} already exists") from None
     return model_response(PrivateProfile.model_validate(user), 201, private=True)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Row, and_, bindparam, case, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import SigninFailure, TokenFamily, User, email_key
@@ -37,6 +38,14 @@ PUBLIC_BY_USERNAME = PUBLIC.where(users.c.username == bindparam("username"))
 NO_SYNC = {"synchronize_session": False}
 
 
+def taken_key(error: IntegrityError) -> Literal["username", "email"]:
+    """Which unique key an insert or update of a user broke: asyncpg names the constraint
+    (uq_users_username_key), SQLite's message the column (users.username_key). Not from
+    PostgreSQL's message, whose DETAIL quotes the values: an address may spell "username"."""
+    name = getattr(getattr(error.orig, "__cause__", None), "constraint_name", None) or str(error.orig)
+    return "username" if "username" in name else "email"
+
+
 class UserStore:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -45,10 +54,6 @@ class UserStore:
         """The user a token names, if the token still holds (see token_holds)."""
         return await self.session.scalar(CURRENT, {"user_id": user_id, "version": version, "family": family})
 
-    async def username_taken(self, username: str) -> bool:
-        """Whether a user has this name, in any mix of case."""
-        return await self.session.scalar(select(User.id).where(User.username_key == username.lower())) is not None
-
     async def get_by_username(self, username: str) -> User | None:
         return await self.session.scalar(BY_USERNAME, {"username": username})
 
@@ -56,8 +61,8 @@ class UserStore:
         return (await self.session.execute(PUBLIC_BY_USERNAME, {"username": username})).first()
 
     async def create(self, *, username: str, email: str, password_hash: str) -> User:
-        """Insert now, so a duplicate raises IntegrityError here; the savepoint keeps the
-        transaction usable afterwards, to find out which of the two was taken."""
+        """Insert now, so that a name or address already taken raises IntegrityError here
+        (taken_key tells which). The request's transaction is then over: its 409 rolls back."""
         user = User(
             username=username,
             username_key=username.lower(),
@@ -65,8 +70,8 @@ class UserStore:
             email_key=email_key(email),
             password_hash=password_hash,
         )
-        async with self.session.begin_nested():
-            self.session.add(user)
+        self.session.add(user)
+        await self.session.flush()
         return user
 
     async def update(self, user_id: int, version: int, family: str, changes: dict[str, Any]) -> User | None:

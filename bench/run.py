@@ -59,11 +59,10 @@ APPS: dict[str, tuple[list[str], dict[str, str]]] = {
 }
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "service, logs and metrics off": (SERVICE, {"REQUEST_LOG": "false", "METRICS": "false"}),
-    "service, plain httptools": (
-        ["app:create_app", "--factory", "--http", "httptools", "--no-server-header", "--no-access-log"],
-        {},
-    ),
+    "service, plain httptools": ([*SERVICE[:2], "--http", "httptools", *SERVE_FLAGS[2:]], {}),
+    "service, uvloop": ([*SERVICE[:2], *SERVE_FLAGS[:-1], "uvloop"], {}),
 }
+VARIANT_PLAN = [("lookup", 32), ("lookup", 256)]
 WRK_DONE = """
 done = function(summary, latency, requests)
   io.write(string.format('{"requests": %d, "seconds": %f, "p50": %d, "p99": %d, "max": %d, ' ..
@@ -150,7 +149,8 @@ class App:
         self.url = f"http://127.0.0.1:{self.port}"
         arguments, app_env = {**APPS, **VARIANTS}[name]
         command = [sys.executable, "-m", "uvicorn", *arguments, "--port", str(self.port), "--workers", str(workers)]
-        command += ["--loop", "uvloop"]
+        if "--loop" not in arguments:
+            command += ["--loop", "uvloop"]
         full_env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": SECRET, **env, **app_env}
         # Its log lines go to a file, as a container runtime takes them from a pipe: written, not shown.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
@@ -367,13 +367,14 @@ def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, servic
     for round_ in range(args.rounds):
         order = apps if round_ % 2 == 0 else apps[::-1]  # alternate, so no app always runs first
         for name in order:
+            tag = f"{round_}a{apps.index(name)}"  # unique per app: "limit" and "litestar" share a letter
             if name == "service" or name in VARIANTS:
                 app = App(name, service_url, service_env, args.service_workers)
             else:
                 app = App(name, db.url, {})
             try:
-                for scenario, connections in plan if name not in VARIANTS else [("lookup", 32)]:
-                    prefix = f"r{round_}{name[0]}{connections % 100}"
+                for scenario, connections in plan if name not in VARIANTS else VARIANT_PLAN:
+                    prefix = f"r{tag}c{connections % 100}"
                     run = measure(app, db, scenario, connections, args.seconds, args.users, prefix)
                     if scenario == "list":
                         notes["rss"].setdefault((name, "read"), []).append(peak_rss_mb(app.process.pid))
@@ -385,7 +386,7 @@ def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, servic
                     continue
                 notes["rss"].setdefault((name, "signup"), []).append(peak_rss_mb(app.process.pid))
                 notes["read_after_write"].setdefault(name, []).append(
-                    read_after_write(app, f"w{round_}{name[0]}", 30 if args.smoke else 300)
+                    read_after_write(app, f"w{tag}", 30 if args.smoke else 300)
                 )
                 time.sleep(1)
                 notes["after"].setdefault(name, []).append(db.connections())
@@ -501,12 +502,12 @@ def render(
     if costs:
         lines += [
             "",
-            "What a default costs: lookups at 32 connections, the service as it runs by default against the same "
-            "service with one thing changed, started and measured beside it in every round (median of the "
-            "per-round ratios; above 1 means the default is faster).",
+            "What a default costs: lookups, the service as it runs by default against the same service with one "
+            "thing changed, started and measured beside it in every round (medians of the per-round ratios: a "
+            "req/s ratio above 1 means the default is faster, a p99 ratio below 1 that its tail is shorter).",
             "",
-            "| variant | req/s | default ÷ variant |",
-            "|---|---|---|",
+            "| variant | req/s, 32 conns | default ÷ variant | p99 ms, 256 conns | default ÷ variant |",
+            "|---|---|---|---|---|",
             *costs,
         ]
     if scale:
@@ -538,20 +539,22 @@ def workers_section(runs: list[Run]) -> list[str]:
 
 
 def cost_rows(runs: list[Run]) -> list[str]:
-    rounds: dict[str, list[tuple[float, float]]] = {}
-    service = [r for r in runs if r.app == "service" and (r.scenario, r.connections) == ("lookup", 32)]
-    variants = [r for r in runs if r.app in VARIANTS]
-    for run in variants:
-        rounds.setdefault(run.app, [])
-    # Pair each variant's run with the service's run of the same round (both lists are in round order).
-    for name in rounds:
-        mine = [r for r in variants if r.app == name]
-        rounds[name] = [(base.rps, run.rps) for base, run in zip(service, mine, strict=False)]
-    return [
-        f"| {name} | {statistics.median(v for _, v in pairs):,.0f} | {statistics.median(b / v for b, v in pairs):.3f} |"
-        for name, pairs in rounds.items()
-        if pairs
-    ]
+    """Each variant against the service's runs of the same rounds: req/s at 32 connections, p99 at 256."""
+    rows = []
+    for name in dict.fromkeys(r.app for r in runs if r.app in VARIANTS):
+        pairs = {}
+        for key in VARIANT_PLAN:
+            base = [r for r in runs if r.app == "service" and (r.scenario, r.connections) == key]
+            mine = [r for r in runs if r.app == name and (r.scenario, r.connections) == key]
+            pairs[key[1]] = list(zip(base, mine, strict=False))  # both lists are in round order
+        if not pairs[32] or not pairs[256]:
+            continue
+        rps = statistics.median(v.rps for _, v in pairs[32])
+        speed = statistics.median(b.rps / v.rps for b, v in pairs[32])
+        p99 = statistics.median(v.p99_ms for _, v in pairs[256])
+        tail = statistics.median(b.p99_ms / v.p99_ms for b, v in pairs[256])
+        rows.append(f"| {name} | {rps:,.0f} | {speed:.3f} | {p99:,.0f} | {tail:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":

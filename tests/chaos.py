@@ -28,7 +28,9 @@ import httpx
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SUMMARY: list[dict[str, Any]] = []  # one row a scenario, printed at the end of the run (conftest)
 # What scripts/serve and the image give uvicorn (tests/test_deploy.py keeps them the same).
-SERVE_FLAGS = ["--http", "limits:BoundedHttpToolsProtocol", "--no-server-header", "--no-access-log"]
+SERVE_FLAGS = [
+    "--http", "limits:BoundedHttpToolsProtocol", "--no-server-header", "--no-access-log", "--loop", "asyncio",
+]  # fmt: skip
 
 
 def free_port() -> int:

@@ -117,6 +117,18 @@ async def test_duplicate_signup_is_409_and_writes_nothing(
     assert await db.usernames() == ["alice"]
 
 
+async def test_a_taken_email_is_named_whatever_it_spells(client: httpx.AsyncClient, db: Database) -> None:
+    """Which key was taken comes from the constraint, never from the values in the error."""
+    first = signup_body("alice", email="username@example.com")
+    assert (await client.post("/api/users/signup", json=first)).status_code == 201
+
+    response = await client.post("/api/users/signup", json=signup_body("bob", email="USERNAME@example.com"))
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "Email already exists"}
+    assert await db.usernames() == ["alice"]
+
+
 async def test_ids_are_never_reused(client: httpx.AsyncClient, db: Database) -> None:
     first = (await client.post("/api/users/signup", json=signup_body("first"))).json()
     await db.execute("DELETE FROM users")
