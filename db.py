@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 from sqlalchemy import (
     event,
 )
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -31,8 +33,22 @@ logger = logging.getLogger("users.db")
 PROJECT_DIR = Path(__file__).resolve().parent
 
 
+# libpq's multi-host form, as managed providers print it: postgresql://app@h1:5432,h2:5432/users
+MULTI_HOST = re.compile(r"^(?P<scheme>[\w+]+://)(?P<user>[^@/?]*@)?(?P<hosts>[^/?@]*,[^/?@]*)(?P<rest>[/?].*)?$")
+
+
 def async_url(url: str) -> URL:
-    """Accept plain `postgresql://` and `sqlite://` URLs and pick the asyncio driver."""
+    """Accept plain `postgresql://` and `sqlite://` URLs and pick the asyncio driver.
+
+    libpq's multi-host form, which SQLAlchemy's parser rejects, becomes SQLAlchemy's own
+    (`/users?host=h1:5432&host=h2:5432`); asyncpg tries the hosts in turn, and with
+    `target_session_attrs=read-write` keeps the first that takes writes: the primary.
+    """
+    if match := MULTI_HOST.match(url):
+        path, _, query = (match["rest"] or "/").partition("?")
+        # asyncpg wants every port spelled out; libpq's default is 5432.
+        hosts = "&".join(f"host={host}" + ("" if ":" in host else ":5432") for host in match["hosts"].split(","))
+        url = f"{match['scheme']}{match['user'] or ''}{path or '/'}?{hosts}" + (f"&{query}" if query else "")
     parsed = make_url(url)
     driver = {"postgres": "postgresql+asyncpg", "postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
     return parsed.set(drivername=driver.get(parsed.drivername, parsed.drivername))
@@ -59,7 +75,9 @@ def make_engine(settings: Settings, *, pooled: bool = True, autocommit: bool = F
         kwargs["poolclass"] = NullPool
     if url.get_backend_name() == "postgresql":
         kwargs["connect_args"] = asyncpg_connect_args(settings)
-        return create_async_engine(url, **kwargs)
+        engine = create_async_engine(url, **kwargs)
+        event.listen(engine.sync_engine, "handle_error", _read_only_is_a_disconnect)
+        return engine
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
@@ -159,6 +177,15 @@ def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
     return connect_args
 
 
+def _read_only_is_a_disconnect(context: ExceptionContext) -> None:
+    """A connection to a node that no longer takes writes (a demoted primary, a standby reached
+    through a stale address) would fail every write after this one: drop it, and with it the
+    pool's other connections made before it, so that the next checkout connects afresh and finds
+    the primary of now."""
+    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+        context.is_disconnect = True
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -211,7 +238,9 @@ def make_sessionmaker(
 # SQLSTATEs that mean "not now": connection exceptions (08), insufficient resources such as too
 # many connections (53), and shutdowns or "the database system is starting up" (57P01-57P03).
 # asyncpg's errors for these reach SQLAlchemy as plain DBAPIErrors.
-UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+# And 25006, "cannot execute ... in a read-only transaction": this node is (now) a standby.
+READ_ONLY_SQLSTATE = "25006"
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", READ_ONLY_SQLSTATE)
 
 
 # SQLite's result codes for "not now": busy or locked past busy_timeout, the file cannot be
@@ -228,8 +257,8 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, DBAPIError):
         return False
-    if exc.connection_invalidated:
-        return True
+    if exc.connection_invalidated or isinstance(getattr(exc.orig, "__cause__", None), TargetServerAttributeNotMatched):
+        return True  # ...or no host takes writes yet (target_session_attrs=read-write, mid-failover)
     sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
     if sqlite_error is not None:
         return str(sqlite_error).startswith(UNAVAILABLE_SQLITE_ERRORS)

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from db import is_unavailable
+from db import CommitFailed, is_unavailable
 from schemas import PATTERN_RULES
 
 logger = logging.getLogger("users")
@@ -78,13 +78,22 @@ def invalid_fields(errors: list[dict[str, str]]) -> JSONResponse:
 async def database_error(request: Request, exc: Exception) -> Response:
     if not is_unavailable(exc):
         raise exc
+    return unavailable(request, exc, "The database is unavailable; try again shortly.")
+
+
+def unavailable(request: Request, exc: BaseException, detail: str, **headers: str) -> Response:
     logger.warning("database unavailable: %r", exc)
     if request.state.metrics is not None:
         request.state.metrics.unavailable.inc()
-    return error_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
+    return error_response(503, detail, headers={"Retry-After": "2", **headers})
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, CommitFailed) and exc.__cause__ is not None and is_unavailable(exc.__cause__):
+        # The connection died under the COMMIT (a failover cut it): the commit may have happened
+        # or not, and nobody can tell now. A retry can: a 503 says to make one.
+        detail = "The database connection was lost during the commit, which may or may not have happened; retry."
+        return unavailable(request, exc.__cause__, detail, Connection="close")  # as for a 500, below
     # uvicorn closes the connection after an unhandled error; say so, or a client that reuses the
     # connection loses its next request.
     return error_response(500, "Internal server error.", headers={"Connection": "close"})
