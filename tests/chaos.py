@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -31,6 +31,11 @@ SUMMARY: list[dict[str, Any]] = []  # one row a scenario, printed at the end of 
 SERVE_FLAGS = [
     "--http", "limits:BoundedHttpToolsProtocol", "--no-server-header", "--no-access-log", "--loop", "asyncio",
 ]  # fmt: skip
+
+# Short bounds, so that every wait in these scenarios is visibly bounded.
+TIMEOUTS = {"DB_POOL_TIMEOUT": "2", "DB_CONNECT_TIMEOUT": "2", "DB_COMMAND_TIMEOUT": "3"}
+LONGEST_WAIT = 2 + 2 + 3  # a request can wait for the pool, a (re)connect and a statement, at most
+MARGIN = 1.5
 
 
 def free_port() -> int:
@@ -81,6 +86,12 @@ class Cluster:
             return list(await connection.fetch(query, *args))
         finally:
             await connection.close()
+
+
+class Databases(Protocol):
+    """Where the promise is checked: a Cluster, or the primary of a Patroni cluster (tests/ha.py)."""
+
+    async def sql(self, query: str, *args: Any, database: str = "postgres") -> list[Any]: ...
 
 
 class PgBouncer:
@@ -249,6 +260,7 @@ class Outcome:
     seconds: float
     body: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    started: float = 0.0  # time.monotonic() as it was sent
 
 
 async def sign_up(client: httpx.AsyncClient, username: str, patience: float = 30) -> Outcome:
@@ -257,8 +269,30 @@ async def sign_up(client: httpx.AsyncClient, username: str, patience: float = 30
     try:
         response = await client.post("/api/users/signup", json=body, timeout=patience)
     except httpx.HTTPError:
-        return Outcome(username, None, time.monotonic() - start)
-    return Outcome(username, response.status_code, time.monotonic() - start, response.text, dict(response.headers))
+        return Outcome(username, None, time.monotonic() - start, started=start)
+    seconds = time.monotonic() - start
+    return Outcome(username, response.status_code, seconds, response.text, dict(response.headers), start)
+
+
+def names(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i:04d}" for i in range(count)]
+
+
+async def keep_signing_up(
+    url: str, prefix: str, stop: asyncio.Event, workers: int = 16, outcomes: list[Outcome] | None = None
+) -> list[Outcome]:
+    """Unique signups from several clients until `stop` is set (into `outcomes`, as they come)."""
+    outcomes = [] if outcomes is None else outcomes
+
+    async def worker(w: int) -> None:
+        async with httpx.AsyncClient(base_url=url) as client:
+            i = 0
+            while not stop.is_set():
+                outcomes.append(await sign_up(client, f"{prefix}{w:02d}x{i:04d}", patience=LONGEST_WAIT + 10))
+                i += 1
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return outcomes
 
 
 async def sign_up_many(url: str, usernames: Iterable[str], concurrency: int, patience: float = 30) -> list[Outcome]:
@@ -299,7 +333,7 @@ class Verdict:
 
 
 async def check_promise(
-    scenario: str, cluster: Cluster, database: str, service_url: str, outcomes: list[Outcome]
+    scenario: str, cluster: Databases, database: str, service_url: str, outcomes: list[Outcome]
 ) -> Verdict:
     """A 2xx exists, a 4xx does not, a 5xx or no answer either does not exist or is in doubt; and a
     retry of every 5xx or unanswered signup tells the truth (409 if and only if the row exists)."""
@@ -329,7 +363,7 @@ async def check_promise(
     return verdict
 
 
-async def leaked_connections(cluster: Cluster, settle: float = 5.0) -> int:
+async def leaked_connections(cluster: Databases, settle: float = 5.0) -> int:
     """The service's connections that are not idle in the pool (after giving in-flight work time)."""
     deadline = time.monotonic() + settle
     while True:
@@ -341,7 +375,7 @@ async def leaked_connections(cluster: Cluster, settle: float = 5.0) -> int:
         await asyncio.sleep(0.1)
 
 
-async def quiescent(cluster: Cluster, database: str, quiet: float = 1.0, limit: float = 30.0) -> None:
+async def quiescent(cluster: Databases, database: str, quiet: float = 1.0, limit: float = 30.0) -> None:
     """Wait until the users table has stopped changing and the service's connections are idle."""
     query = (
         "SELECT (SELECT count(*) FROM users) AS users, (SELECT count(*) FROM pg_stat_activity"

@@ -8,6 +8,7 @@ any database there whose user may CREATE DATABASE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -29,8 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 import chaos
+import ha
 from app import create_app
-from chaos import free_port
+from chaos import TIMEOUTS, Cluster, Service, free_port, postgres_bindir
 from db import async_url, make_engine, upgrade_schema
 from settings import Settings
 
@@ -43,14 +45,24 @@ if not POSTGRES_URL and os.environ.get("CI") == "true":
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not chaos.SUMMARY:
+    write_table(terminalreporter, "the promise under faults", chaos.SUMMARY)
+    write_table(terminalreporter, "the promise across failovers", ha.HA_SUMMARY, ha.FIGURES)
+
+
+def write_table(
+    reporter: pytest.TerminalReporter, title: str, rows: list[dict[str, Any]], notes: list[str] | None = None
+) -> None:
+    if not rows and not notes:
         return
-    columns = list(chaos.SUMMARY[0])
-    widths = [max(len(str(column)), *(len(str(row[column])) for row in chaos.SUMMARY)) for column in columns]
-    terminalreporter.section("the promise under faults")
-    terminalreporter.write_line("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in chaos.SUMMARY:
-        terminalreporter.write_line("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    reporter.section(title)
+    if rows:
+        columns = list(rows[0])
+        widths = [max(len(str(column)), *(len(str(row[column])) for row in rows)) for column in columns]
+        reporter.write_line("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for row in rows:
+            reporter.write_line("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for note in notes or []:
+        reporter.write_line(note)
 
 
 def pytest_report_header() -> str:
@@ -184,6 +196,47 @@ class Database:
 
 def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
     return {"username": username, "password": "Kiwi-Tango-57", "email": f"{username}@example.com", **overrides}
+
+
+# --- for the fault and failover suites: a cluster of their own, the service as processes ------
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    bindir = postgres_bindir()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the fault and failover suites need PostgreSQL server binaries (PG_BINDIR)")
+        pytest.skip("no PostgreSQL server binaries: these tests need a cluster they can restart")
+    cluster = Cluster(bindir)
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def database(cluster: Cluster) -> Iterator[str]:
+    name = f"faults_{uuid.uuid4().hex[:10]}"
+    in_thread(asyncio.run, cluster.sql(f"CREATE DATABASE {name}"))
+    in_thread(upgrade_schema, cluster.url(name))
+    yield name
+    with contextlib.suppress(Exception):
+        in_thread(asyncio.run, cluster.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    services: list[Service] = []
+
+    def start(database_url: str, **settings: str) -> Service:
+        service = Service(database_url, tmp_path / f"service{len(services)}.log", **{**TIMEOUTS, **settings})
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        service.stop()
+        log = service.log()
+        assert "non-checked-in connection" not in log, log[-3000:]
+        assert "was garbage collected" not in log, log[-3000:]
 
 
 # --- the subprocess fixture of docs/testing.md (kept verbatim there; a test checks) ----------

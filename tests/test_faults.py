@@ -9,97 +9,30 @@ table is printed at the end of every run that includes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
 from chaos import (
+    LONGEST_WAIT,
+    MARGIN,
     SUMMARY,
     Cluster,
     Outcome,
     Service,
     TcpProxy,
     check_promise,
+    keep_signing_up,
     leaked_connections,
-    postgres_bindir,
+    names,
     sign_up,
     sign_up_many,
 )
-from conftest import in_thread
-from db import upgrade_schema
 
 pytestmark = [pytest.mark.faults, pytest.mark.anyio]
-
-# Short bounds, so that every wait in these scenarios is visibly bounded.
-TIMEOUTS = {"DB_POOL_TIMEOUT": "2", "DB_CONNECT_TIMEOUT": "2", "DB_COMMAND_TIMEOUT": "3"}
-LONGEST_WAIT = 2 + 2 + 3  # a request can wait for the pool, a (re)connect and a statement, at most
-MARGIN = 1.5
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    bindir = postgres_bindir()
-    if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the fault suite needs PostgreSQL server binaries (PG_BINDIR)")
-        pytest.skip("no PostgreSQL server binaries: the fault suite needs a cluster it can restart")
-    cluster = Cluster(bindir)
-    cluster.start()
-    yield cluster
-    cluster.destroy()
-
-
-@pytest.fixture
-def database(cluster: Cluster) -> Iterator[str]:
-    name = f"faults_{uuid.uuid4().hex[:10]}"
-    in_thread(asyncio.run, cluster.sql(f"CREATE DATABASE {name}"))
-    in_thread(upgrade_schema, cluster.url(name))
-    yield name
-    with contextlib.suppress(Exception):
-        in_thread(asyncio.run, cluster.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-@pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    services: list[Service] = []
-
-    def start(database_url: str, **settings: str) -> Service:
-        service = Service(database_url, tmp_path / f"service{len(services)}.log", **{**TIMEOUTS, **settings})
-        services.append(service)
-        return service
-
-    yield start
-    for service in services:
-        service.stop()
-        log = service.log()
-        assert "non-checked-in connection" not in log, log[-3000:]
-        assert "was garbage collected" not in log, log[-3000:]
-
-
-def names(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}{i:04d}" for i in range(count)]
-
-
-async def keep_signing_up(url: str, prefix: str, stop: asyncio.Event, workers: int = 16) -> list[Outcome]:
-    """Unique signups from several clients until `stop` is set."""
-    outcomes: list[Outcome] = []
-
-    async def worker(w: int) -> None:
-        async with httpx.AsyncClient(base_url=url) as client:
-            i = 0
-            while not stop.is_set():
-                outcomes.append(await sign_up(client, f"{prefix}{w:02d}x{i:04d}", patience=LONGEST_WAIT + 10))
-                i += 1
-
-    await asyncio.gather(*(worker(w) for w in range(workers)))
-    return outcomes
 
 
 def assert_promise_kept(verdict_violations: list[str], leaked: int) -> None:
