@@ -333,9 +333,10 @@ class DBSessionMiddleware:
         # A copy: some servers (and asgi-lifespan) hand every request the same state dict.
         scope["state"] = {**scope["state"], "session": session}
         commit_error: CommitFailed | None = None
+        closed = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal commit_error
+            nonlocal commit_error, closed
             if commit_error is not None:
                 return  # the app's response is dropped: the client gets the 500
             if message["type"] == "http.response.start":
@@ -362,6 +363,7 @@ class DBSessionMiddleware:
                     # session (a background task, a streaming body) fails loudly instead of
                     # writing in a new transaction that nobody would commit.
                     await close_session(session)
+                    closed = True
             await send(message)
 
         try:
@@ -369,16 +371,19 @@ class DBSessionMiddleware:
             if commit_error is not None:
                 raise commit_error  # the app swallowed it; the outer error middleware answers 500
         finally:
-            if session.in_transaction():  # the app raised (or was cancelled) before it answered
-                ended("rollback")
-            await close_session(session)
+            if not closed:  # the app raised (or was cancelled) before it answered
+                if session.in_transaction():
+                    ended("rollback")
+                await close_session(session)
 
 
 async def close_session(session: AsyncSession) -> None:
     """Close a session and give back its connection, even when cancelled, within close_timeout."""
-    if not session.in_transaction():
-        # Committed, rolled back or never used: the connection is back in the pool already,
-        # so close() does no I/O and there is nothing to shield.
+    if not session.in_transaction() or session.info["autocommit"]:
+        # Committed, rolled back or never used: the connection is back in the pool already; or
+        # in autocommit, where there is no transaction to roll back. Either way close() does no
+        # I/O, so it cannot be interrupted, and there is nothing to shield (the shield and the
+        # bound cost a tenth of a lookup).
         await session.close()
         return
     # The work failed or was cancelled mid-transaction: close() rolls back and returns the

@@ -57,10 +57,14 @@ APPS: dict[str, tuple[list[str], dict[str, str]]] = {
     "fastapi": (["fastapi_app:app", "--app-dir", "bench", "--http", "httptools", "--no-access-log"], {}),
     "litestar": (["litestar_app:app", "--app-dir", "bench", "--http", "httptools", "--no-access-log"], {}),
 }
+PGBOUNCER = "service, through PgBouncer"
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "service, logs and metrics off": (SERVICE, {"REQUEST_LOG": "false", "METRICS": "false"}),
     "service, plain httptools": ([*SERVICE[:2], "--http", "httptools", *SERVE_FLAGS[2:]], {}),
     "service, uvloop": ([*SERVICE[:2], *SERVE_FLAGS[:-1], "uvloop"], {}),
+    # Reaches PostgreSQL through PgBouncer in transaction mode (started for the run), as
+    # tests/test_pgbouncer.py runs it.
+    PGBOUNCER: (SERVICE, {"DB_PGBOUNCER": "true"}),
 }
 VARIANT_PLAN = [("lookup", 32), ("lookup", 256)]
 WRK_DONE = """
@@ -177,6 +181,7 @@ class Postgres:
         self.admin_url = admin_url.replace("postgresql+asyncpg://", "postgresql://")
         self.url = self.admin_url.rsplit("/", 1)[0] + f"/{database}"
         self.database = database
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 
     def sql(self, query: str, *args: Any, admin: bool = False) -> list[Any]:
         async def run() -> list[Any]:
@@ -346,7 +351,7 @@ def main() -> None:
         run_soak(args, db, service_env)
         return
     if args.pgbouncer:  # transaction mode, as tests/test_pgbouncer.py runs it
-        bouncer = PgBouncer(int(db.url.rsplit(":", 1)[1].split("/")[0]))
+        bouncer = PgBouncer(db.port)
         service_env["DB_PGBOUNCER"] = "true"
         try:
             measure_all(args, db, bouncer.url("bench"), service_env)
@@ -357,11 +362,24 @@ def main() -> None:
 
 
 def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, service_env: dict[str, str]) -> None:
+    variants = [] if args.smoke or "service" not in args.apps else list(VARIANTS)
+    if args.pgbouncer and PGBOUNCER in variants:  # the service itself is behind PgBouncer already
+        variants.remove(PGBOUNCER)
+    apps = args.apps.split(",") + variants
+    bouncer = PgBouncer(db.port) if PGBOUNCER in apps else None
+    try:
+        measure_rounds(args, db, service_url, service_env, apps, bouncer.url("bench") if bouncer else "")
+    finally:
+        if bouncer is not None:
+            bouncer.stop()
 
+
+def measure_rounds(
+    args: argparse.Namespace, db: Postgres, service_url: str, service_env: dict[str, str], apps: list[str], bounced: str
+) -> None:
     plan = [("lookup", 32), ("lookup", 256), ("me", 32), ("me", 256), ("list", 32), ("list", 256), ("signup", 32)]
     if args.smoke:
         plan = [("lookup", 32), ("me", 32), ("list", 32), ("signup", 32)]
-    apps = args.apps.split(",") + ([] if args.smoke or "service" not in args.apps else list(VARIANTS))
     runs: list[list[Run]] = []
     notes: dict[str, Any] = {"rss": {}, "after": {}, "read_after_write": {}}
     for round_ in range(args.rounds):
@@ -369,7 +387,7 @@ def measure_all(args: argparse.Namespace, db: Postgres, service_url: str, servic
         for name in order:
             tag = f"{round_}a{apps.index(name)}"  # unique per app: "limit" and "litestar" share a letter
             if name == "service" or name in VARIANTS:
-                app = App(name, service_url, service_env, args.service_workers)
+                app = App(name, bounced if name == PGBOUNCER else service_url, service_env, args.service_workers)
             else:
                 app = App(name, db.url, {})
             try:
@@ -496,6 +514,10 @@ def render(
         f"Bare Argon2id rate with the service's parameters (m=19 MiB, t=2, p=1), one thread per CPU: "
         f"{hash_rate:.1f} hashes/s. Service signups: {signup:.1f}/s = **{signup / hash_rate:.2f}×** the bare rate.",
     ]
+    targets = target_rows(every, notes, median)
+    if targets:
+        lines += ["", "The targets (issue 13), from this run:", "", "| target | measured | met |", "|---|---|---|"]
+        lines += targets
     if args.service_workers > 1:
         lines += ["", *workers_section(flat)]
     costs = cost_rows(every)
@@ -536,6 +558,35 @@ def workers_section(runs: list[Run]) -> list[str]:
             f"| {' / '.join(f'{cpu[pid]:.2f}' for pid in workers)} | {run.p99_ms:.1f} |"
         )
     return lines
+
+
+def target_rows(runs: list[Run], notes: dict[str, Any], median: Any) -> list[str]:
+    """Each target against this run's medians (PgBouncer: the median of the per-round ratios)."""
+    apps = {r.app for r in runs}
+    if not {"service", "limit"} <= apps or ("signup", 32) not in {(r.scenario, r.connections) for r in runs}:
+        return []
+    rows: list[tuple[str, float, str, bool]] = []
+    service = median("service", ("lookup", 32), "rps")
+    for peer, floor in (("limit", 0.40), ("fastapi", 3.0), ("litestar", 2.0)):
+        if peer in apps:
+            ratio = service / median(peer, ("lookup", 32), "rps")
+            rows.append((f"lookups, 32 conns: ≥ {floor:.2f}× {peer}", ratio, f"{ratio:.2f}×", ratio >= floor))
+    wide = [r for r in runs if r.app == "service" and (r.scenario, r.connections) == ("lookup", 256)]
+    errors = sum(r.non2xx + r.socket_errors for r in wide)
+    rows.append(("lookups, 256 conns: zero errors", errors, f"{errors}", errors == 0))
+    tail = median("service", ("lookup", 256), "p99_ms") / median("limit", ("lookup", 256), "p99_ms")
+    rows.append(("lookups, 256 conns: p99 ≤ 4× the limit's", tail, f"{tail:.2f}×", tail <= 4))
+    signup = median("service", ("signup", 32), "rps") / median("limit", ("signup", 32), "rps")
+    rows.append(("signups: ≥ 0.95× the limit's rate", signup, f"{signup:.2f}×", signup >= 0.95))
+    reads, burst = max(notes["rss"].get(("service", "read"), [0])), max(notes["rss"].get(("service", "signup"), [0]))
+    rows.append(("RSS under read load < 100 MB", reads, f"{reads:.0f} MB", reads < 100))
+    rows.append(("RSS after a signup burst < 160 MB", burst, f"{burst:.0f} MB", burst < 160))
+    base = [r for r in runs if r.app == "service" and (r.scenario, r.connections) == ("lookup", 32)]
+    bounced = [r for r in runs if r.app == PGBOUNCER and (r.scenario, r.connections) == ("lookup", 32)]
+    if bounced:
+        ratio = statistics.median(v.rps / b.rps for b, v in zip(base, bounced, strict=False))
+        rows.append(("through PgBouncer: ≥ 0.60× direct lookups", ratio, f"{ratio:.2f}×", ratio >= 0.6))
+    return [f"| {name} | {shown} | {'yes' if met else '**no**'} |" for name, _, shown, met in rows]
 
 
 def cost_rows(runs: list[Run]) -> list[str]:

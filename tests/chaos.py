@@ -112,7 +112,6 @@ unix_socket_dir = {self.dir}
 auth_type = trust
 auth_file = {self.dir}/userlist.txt
 pool_mode = transaction
-server_reset_query_always = 1
 default_pool_size = 20
 max_client_conn = 1000
 ignore_startup_parameters = extra_float_digits
