@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,11 +19,10 @@ from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
-from sqlalchemy.util.concurrency import await_
-from sqlalchemy.util.queue import Empty, Full, QueueCommon
+from sqlalchemy.pool import NullPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pool import FairPool
 from settings import Settings
 
 logger = logging.getLogger("users.db")
@@ -81,78 +78,6 @@ def make_engine(settings: Settings, *, pooled: bool = True, autocommit: bool = F
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
-
-
-class FairQueue(QueueCommon[ConnectionPoolEntry]):
-    """The pool's queue of idle connections, first come first served.
-
-    SQLAlchemy's AsyncAdaptedQueue is an asyncio.Queue: a connection put back goes to the queue,
-    the first waiter is only woken, and a request that arrives before it runs takes the connection;
-    the waiter queues again at the back. At 256 connections that starved some requests until the
-    pool timeout. Here a connection put back goes straight to the longest waiter, and nobody
-    passes a waiter.
-    """
-
-    def __init__(self, maxsize: int = 0, use_lifo: bool = False):
-        self.maxsize = maxsize
-        self.use_lifo = use_lifo
-        self._idle: deque[ConnectionPoolEntry] = deque()
-        self._waiters: deque[asyncio.Future[ConnectionPoolEntry]] = deque()
-
-    def empty(self) -> bool:
-        return not self._idle
-
-    def full(self) -> bool:
-        return 0 < self.maxsize <= len(self._idle)
-
-    def qsize(self) -> int:
-        return len(self._idle)
-
-    def put_nowait(self, item: ConnectionPoolEntry) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(item)
-                return
-        if self.full():
-            raise Full()
-        self._idle.append(item)
-
-    def put(self, item: ConnectionPoolEntry, block: bool = True, timeout: float | None = None) -> None:
-        self.put_nowait(item)  # the pool never blocks to put back: a full pool closes the connection
-
-    def get_nowait(self) -> ConnectionPoolEntry:
-        if not self._idle or self._waiters:
-            raise Empty()
-        return self._idle.pop() if self.use_lifo else self._idle.popleft()
-
-    def get(self, block: bool = True, timeout: float | None = None) -> ConnectionPoolEntry:
-        if self._idle and not self._waiters:
-            return self.get_nowait()
-        if not block:
-            raise Empty()
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return await_(self._wait(waiter, timeout))
-
-    async def _wait(self, waiter: asyncio.Future[ConnectionPoolEntry], seconds: float | None) -> ConnectionPoolEntry:
-        try:
-            async with asyncio.timeout(seconds):
-                return await waiter
-        except BaseException as error:
-            if waiter.done() and not waiter.cancelled():
-                self.put_nowait(waiter.result())  # handed over as the wait ended: pass it on
-            else:
-                waiter.cancel()
-            if isinstance(error, TimeoutError):
-                raise Empty() from error
-            raise
-
-
-class FairPool(AsyncAdaptedQueuePool):
-    """SQLAlchemy's asyncio pool with the FairQueue."""
-
-    _queue_class = FairQueue
 
 
 def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:

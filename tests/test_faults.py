@@ -35,6 +35,21 @@ from chaos import (
 pytestmark = [pytest.mark.faults, pytest.mark.anyio]
 
 
+async def at_commit(cluster: Cluster, database: str, name: str, prefix: str, action: str) -> None:
+    """A deferred constraint trigger `name` that does `action` at COMMIT for usernames starting
+    with `prefix`: after the app has produced its answer."""
+    await cluster.sql(
+        f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.username LIKE '{prefix}%' THEN {action}; END IF; RETURN NULL; END $$""",
+        database=database,
+    )
+    await cluster.sql(
+        f"""CREATE CONSTRAINT TRIGGER {name} AFTER INSERT ON users DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION {name}()""",
+        database=database,
+    )
+
+
 def assert_promise_kept(verdict_violations: list[str], leaked: int) -> None:
     assert verdict_violations == []
     assert leaked == 0
@@ -54,17 +69,7 @@ async def test_a_commit_refused_by_the_database_is_a_500_and_writes_nothing(
     cluster: Cluster, database: str, start_service: Callable[..., Service]
 ) -> None:
     # A deferred constraint trigger runs at COMMIT: the app has already produced its 201.
-    await cluster.sql(
-        """CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           IF NEW.username LIKE 'doomed%' THEN RAISE EXCEPTION 'refused at commit'; END IF;
-           RETURN NULL; END $$""",
-        database=database,
-    )
-    await cluster.sql(
-        """CREATE CONSTRAINT TRIGGER refuse_doomed AFTER INSERT ON users DEFERRABLE INITIALLY DEFERRED
-           FOR EACH ROW EXECUTE FUNCTION refuse_doomed()""",
-        database=database,
-    )
+    await at_commit(cluster, database, "refuse_doomed", "doomed", "RAISE EXCEPTION 'refused at commit'")
     service = start_service(cluster.url(database))
 
     outcomes = await sign_up_many(service.url, [*names("doomed", 50), *names("fine", 50)], concurrency=16)
@@ -311,17 +316,7 @@ async def test_a_commit_whose_connection_dies_is_a_503_in_doubt_and_the_retry_te
 ) -> None:
     # A deferred trigger ends its own backend at COMMIT: the connection dies under the commit, as a
     # failover cuts it. The client cannot know whether it committed, so it is told to retry.
-    await cluster.sql(
-        """CREATE FUNCTION cut_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           IF NEW.username LIKE 'cut%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
-           RETURN NULL; END $$""",
-        database=database,
-    )
-    await cluster.sql(
-        """CREATE CONSTRAINT TRIGGER cut_at_commit AFTER INSERT ON users DEFERRABLE INITIALLY DEFERRED
-           FOR EACH ROW EXECUTE FUNCTION cut_at_commit()""",
-        database=database,
-    )
+    await at_commit(cluster, database, "cut_at_commit", "cut", "PERFORM pg_terminate_backend(pg_backend_pid())")
     service = start_service(cluster.url(database))
     outcomes = await sign_up_many(service.url, [*names("cut", 20), *names("whole", 20)], concurrency=8)
 
