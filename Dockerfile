@@ -22,7 +22,7 @@ COPY migrations ./migrations
 COPY scripts/container-start ./scripts/container-start
 
 USER 10001:10001
-ENV PORT=8000 FORWARDED_ALLOW_IPS=127.0.0.1 LOG_FORMAT=json
+ENV HOST=0.0.0.0 PORT=8000 FORWARDED_ALLOW_IPS=127.0.0.1 LOG_FORMAT=json
 EXPOSE 8000
 
 # Liveness only (no database): the image has no curl, so ask Python.

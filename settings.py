@@ -1,79 +1,41 @@
-"""Everything the service reads from the environment, with its defaults (the README's table)."""
+"""Every setting, declared once: its environment variable, default, parser and meaning.
+
+`Settings.from_environ()` reads them (environment only, through starlette.config: no .env file),
+and the README's configuration table is `python settings.py`'s output (a test compares the two).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from starlette.config import Config
 
+T = TypeVar("T")
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the service reads from the environment, with its defaults."""
 
-    database_url: str = "sqlite+aiosqlite:///./users.db"
-    # Measured by scripts/bench (README, Performance): overflow connections are opened and
-    # closed again under steady load, and pre-ping costs three round trips per checkout on
-    # asyncpg (BEGIN, ping, ROLLBACK); a dead connection is caught by the 503 mapping instead.
-    pool_size: int = 10
-    max_overflow: int = 0
-    pool_timeout: float = 5.0
-    pool_recycle: int = 28000
-    pool_pre_ping: bool = False
-    connect_timeout: float = 5.0
-    command_timeout: float = 10.0
-    max_body_bytes: int = 65536
-    body_timeout: float = 10.0
-    secret_key: str | None = None
-    secret_key_fallbacks: tuple[str, ...] = ()
-    cors_allow_origins: tuple[str, ...] = ()
-    access_token_ttl: int = 15 * 60
-    refresh_token_ttl: int = 7 * 24 * 3600
-    token_leeway: float = 30.0
-    signin_failure_limit: int = 5
-    signin_address_failure_limit: int = 50
-    signin_failure_window: int = 900
-    web_concurrency: int = 1
-    application_name: str = "users"
-    pgbouncer: bool = False
-    log_format: str = "text"
-    request_log: bool = True
-    metrics: bool = True
-    metrics_dir: str | None = None
+def setting(name: str, default: T, parse: Callable[[str], T], meaning: str, shown: str | None = None) -> T:
+    """A field of Settings, read from the environment variable `name`; `shown` is its default as
+    the README says it, where that is not the value itself."""
+    return dataclasses.field(
+        default=default, metadata={"name": name, "parse": parse, "meaning": meaning, "shown": shown}
+    )
 
-    @classmethod
-    def from_environ(cls) -> Settings:
-        config = Config()  # environment only: no .env file is read
-        return cls(
-            database_url=config("DATABASE_URL", default=cls.database_url),
-            pool_size=config("DB_POOL_SIZE", cast=int, default=cls.pool_size),
-            max_overflow=config("DB_MAX_OVERFLOW", cast=int, default=cls.max_overflow),
-            pool_timeout=config("DB_POOL_TIMEOUT", cast=float, default=cls.pool_timeout),
-            pool_recycle=config("DB_POOL_RECYCLE", cast=int, default=cls.pool_recycle),
-            pool_pre_ping=config("DB_POOL_PRE_PING", cast=bool, default=cls.pool_pre_ping),
-            connect_timeout=config("DB_CONNECT_TIMEOUT", cast=float, default=cls.connect_timeout),
-            command_timeout=config("DB_COMMAND_TIMEOUT", cast=float, default=cls.command_timeout),
-            max_body_bytes=config("MAX_BODY_BYTES", cast=int, default=cls.max_body_bytes),
-            body_timeout=config("BODY_TIMEOUT", cast=float, default=cls.body_timeout),
-            secret_key=config("SECRET_KEY", default=None) or None,
-            secret_key_fallbacks=config("SECRET_KEY_FALLBACKS", cast=comma_separated, default=""),
-            cors_allow_origins=config("CORS_ALLOW_ORIGINS", cast=comma_separated, default=""),
-            access_token_ttl=config("ACCESS_TOKEN_TTL", cast=int, default=cls.access_token_ttl),
-            refresh_token_ttl=config("REFRESH_TOKEN_TTL", cast=int, default=cls.refresh_token_ttl),
-            token_leeway=config("TOKEN_LEEWAY", cast=float, default=cls.token_leeway),
-            signin_failure_limit=config("SIGNIN_FAILURE_LIMIT", cast=int, default=cls.signin_failure_limit),
-            signin_address_failure_limit=config(
-                "SIGNIN_ADDRESS_FAILURE_LIMIT", cast=int, default=cls.signin_address_failure_limit
-            ),
-            signin_failure_window=config("SIGNIN_FAILURE_WINDOW", cast=int, default=cls.signin_failure_window),
-            web_concurrency=config("WEB_CONCURRENCY", cast=int, default=cls.web_concurrency),
-            application_name=config("DB_APPLICATION_NAME", default=cls.application_name),
-            pgbouncer=config("DB_PGBOUNCER", cast=bool, default=cls.pgbouncer),
-            log_format=config("LOG_FORMAT", cast=log_format, default=cls.log_format),
-            request_log=config("REQUEST_LOG", cast=bool, default=cls.request_log),
-            metrics=config("METRICS", cast=bool, default=cls.metrics),
-            metrics_dir=config("METRICS_DIR", default=None) or None,
-        )
+
+def boolean(value: str) -> bool:
+    if value.lower() not in ("true", "1", "false", "0"):
+        raise ValueError(f"expected true or false, not {value!r}")
+    return value.lower() in ("true", "1")
+
+
+def optional(value: str) -> str | None:
+    return value or None
+
+
+def comma_separated(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def log_format(value: str) -> str:
@@ -82,5 +44,156 @@ def log_format(value: str) -> str:
     return value
 
 
-def comma_separated(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
+@dataclass(frozen=True)
+class Settings:
+    """What the service reads from the environment. Tests build one directly."""
+
+    # fmt: off
+    database_url: str = setting(
+        "DATABASE_URL", "sqlite+aiosqlite:///./users.db", str,
+        "a SQLite file in the working directory. `postgresql://`, `postgres://` and `sqlite://` URLs get the asyncio "
+        "driver (`+asyncpg`, `+aiosqlite`) automatically. Several hosts, in libpq's form "
+        "(`postgresql://app@h1:5432,h2:5432/users?target_session_attrs=read-write`) or SQLAlchemy's "
+        "(`?host=h1:5432&host=h2:5432`): the first that takes writes "
+        "([docs/high-availability.md](docs/high-availability.md))",
+    )
+    pool_size: int = setting("DB_POOL_SIZE", 10, int, "connections the pool keeps open, per process")
+    max_overflow: int = setting(
+        "DB_MAX_OVERFLOW", 0, int, "extra connections opened under load beyond the pool size, and closed when returned"
+    )
+    pool_timeout: float = setting(
+        "DB_POOL_TIMEOUT", 5.0, float, "seconds a request waits for a free connection before it answers 503"
+    )
+    pool_recycle: int = setting(
+        "DB_POOL_RECYCLE", 28000, int, "seconds after which a connection is replaced at its next checkout"
+    )
+    pool_pre_ping: bool = setting(
+        "DB_POOL_PRE_PING", False, boolean,
+        "test each connection when it is checked out (on asyncpg: BEGIN, a ping, ROLLBACK)",
+    )
+    connect_timeout: float = setting(
+        "DB_CONNECT_TIMEOUT", 5.0, float, "seconds to open a PostgreSQL connection (asyncpg's own default is 60)"
+    )
+    command_timeout: float = setting(
+        "DB_COMMAND_TIMEOUT", 10.0, float,
+        "seconds any one PostgreSQL statement may take (asyncpg has no default); also the bound on closing a session",
+    )
+    pgbouncer: bool = setting(
+        "DB_PGBOUNCER", False, boolean,
+        "`true` behind PgBouncer in transaction mode. Safe there because nothing outlives a transaction on a server "
+        "connection: statements are unnamed and uncached, reads run in transactions too, nothing is set per session "
+        "([docs/scaling.md](docs/scaling.md))",
+    )
+    application_name: str = setting(
+        "DB_APPLICATION_NAME", "users", str,
+        "the `application_name` of the service's PostgreSQL connections (as `pg_stat_activity` shows them)",
+    )
+    max_body_bytes: int = setting(
+        "MAX_BODY_BYTES", 65536, int,
+        "largest request body accepted; larger ones get 413 before they are read (request heads: 16 KiB, then 431)",
+    )
+    body_timeout: float = setting(
+        "BODY_TIMEOUT", 10.0, float,
+        "seconds a client has to send the whole request body, which is read before any route runs; then 408",
+    )
+    secret_key: str | None = setting(
+        "SECRET_KEY", None, optional,
+        "the HS256 key that signs tokens, at least 32 bytes; the same in every process and replica. Unset, a single "
+        "process makes a random one and logs a warning (tokens then die with the process); with `WEB_CONCURRENCY` "
+        "above 1 it refuses to start",
+    )
+    secret_key_fallbacks: tuple[str, ...] = setting(
+        "SECRET_KEY_FALLBACKS", (), comma_separated,
+        "comma-separated earlier keys (each at least 32 bytes), still accepted for checking tokens, never for signing "
+        "(see Rotating `SECRET_KEY`)",
+    )
+    access_token_ttl: int = setting("ACCESS_TOKEN_TTL", 900, int, "seconds an access token is valid (15 minutes)")
+    refresh_token_ttl: int = setting("REFRESH_TOKEN_TTL", 604800, int, "seconds a refresh token is valid (7 days)")
+    token_leeway: float = setting(
+        "TOKEN_LEEWAY", 30.0, float,
+        "seconds of clock difference between replicas allowed when a token's `iat`, `nbf` and `exp` are checked",
+    )
+    signin_failure_limit: int = setting(
+        "SIGNIN_FAILURE_LIMIT", 5, int,
+        "failed password checks for one username from one address, within the window, before that pair gets 429; "
+        "`0` turns the rule off",
+    )
+    signin_address_failure_limit: int = setting(
+        "SIGNIN_ADDRESS_FAILURE_LIMIT", 50, int,
+        "failed password checks from one address over any usernames, within the window, before that address gets "
+        "429 for every signin; `0` turns it off",
+    )
+    signin_failure_window: int = setting(
+        "SIGNIN_FAILURE_WINDOW", 900, int, "seconds a window of failures lasts, from its first failure"
+    )
+    cors_allow_origins: tuple[str, ...] = setting(
+        "CORS_ALLOW_ORIGINS", (), comma_separated,
+        "comma-separated origins that browsers may call the API from (`https://app.example.com`); empty: no CORS "
+        "headers at all. `*` allows any origin",
+    )
+    log_format: str = setting(
+        "LOG_FORMAT", "text", log_format,
+        "`json`: one JSON object per line on stdout (the image's default); `text`: one readable line",
+    )
+    request_log: bool = setting(
+        "REQUEST_LOG", True, boolean, "one log line per request (in place of uvicorn's access log)"
+    )
+    metrics: bool = setting("METRICS", True, boolean, "Prometheus metrics at `/metrics`")
+    metrics_dir: str | None = setting(
+        "METRICS_DIR", None, optional,
+        "with `WEB_CONCURRENCY` above 1: the directory the workers' metrics files go to, emptied when the service "
+        "starts (one service a directory)",
+        shown="`users-metrics-<PORT>` in the temporary directory",
+    )
+    graceful_timeout: int = setting(
+        "GRACEFUL_TIMEOUT", 20, int, "seconds SIGTERM waits for the requests in flight before uvicorn stops"
+    )
+    host: str = setting("HOST", "127.0.0.1", str, "the address the server listens on (the image: `0.0.0.0`)")
+    port: int = setting("PORT", 8000, int, "the port the server listens on")
+    web_concurrency: int = setting(
+        "WEB_CONCURRENCY", 1, int, "uvicorn worker processes (read by uvicorn itself); each builds its own engine"
+    )
+    forwarded_allow_ips: str = setting(
+        "FORWARDED_ALLOW_IPS", "127.0.0.1", str,
+        "comma-separated peers whose `X-Forwarded-For` and `X-Forwarded-Proto` uvicorn trusts",
+    )
+    # fmt: on
+
+    @classmethod
+    def from_environ(cls) -> Settings:
+        config = Config()  # environment only: no .env file is read
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = config(field.metadata["name"], default=None)
+            if raw is not None:
+                try:
+                    values[field.name] = field.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise ValueError(f"{field.metadata['name']}: {exc}") from None
+        return cls(**values)
+
+
+def shown(value: object) -> str:
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def readme_table() -> str:
+    """The README's configuration table, made from the declarations above."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for field in dataclasses.fields(Settings):
+        default = field.metadata["shown"] or f"`{shown(field.default)}`"
+        default = "none" if default == "`none`" else default
+        lines.append(f"| `{field.metadata['name']}` | {default} | {field.metadata['meaning']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_table())
