@@ -15,22 +15,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from auth import (
-    Claims,
-    Tokens,
-    authenticate,
-    bad_credentials,
-    end_family,
-    hash_password,
-    hasher,
-    no_longer_valid,
-    revoked,
-    token_claims,
-    verify_password,
-)
-from db import transaction
+from auth import authenticate, bad_credentials, no_longer_valid, revoked, token_claims
+from db import Database, database, transaction
 from errors import error_response, field_error
 from models import User
+from openapi import BODY_ERRORS, Operation
+from passwords import hash_password, needs_rehash, verify_password
+from resources import resources
 from schemas import (
     AccountDeletion,
     PasswordChange,
@@ -44,11 +35,12 @@ from schemas import (
 )
 from stores import TokenFamilyStore, UserStore, taken_key
 from throttle import Attempt, count_attempt
+from tokens import Claims
 
 
 async def signup(request: Request) -> Response:
     data = Signup.model_validate_json(await read_json_body(request))
-    password_hash = await hash_password(data.password, request.state.hash_limiter)
+    password_hash = await hash_password(data.password, resources(request).hash_limiter)
     store = UserStore(request.state.session)
     try:
         user = await store.create(username=data.username, email=data.email, password_hash=password_hash)
@@ -62,23 +54,33 @@ async def signin(request: Request) -> Response:
     data = Signin.model_validate_json(await read_json_body(request))
     attempt = await count_attempt(request, data.username)  # a 429 here costs no hash
     # A short read of its own, so that no connection or transaction is held while the hash runs.
-    async with transaction(request.state.sessionmaker) as session:
+    async with transaction(database(request).reads) as session:
         user = await UserStore(session).get_by_username(data.username)
-    limiter = request.state.hash_limiter
+    limiter = resources(request).hash_limiter
     if not await verify_password(user.password_hash if user else None, data.password, limiter):
         raise bad_credentials()
     assert user is not None
-    # Made with older parameters: upgrade it.
-    new_hash = await hash_password(data.password, limiter) if hasher.check_needs_rehash(user.password_hash) else None
+    new_hash = await hash_password(data.password, limiter) if needs_rehash(user.password_hash) else None
     # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
     version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
     if version is None:
         raise bad_credentials()
-    tokens: Tokens = request.state.tokens
+    tokens = resources(request).tokens
     family = uuid.uuid4().hex  # this signin's tokens, refreshed or not, are one family
     await TokenFamilyStore(request.state.session).start(family, user.id, tokens.family_expiry())
     await attempt.succeeded(request.state.session, clear=True)
     return model_response(TokenPair.model_validate(tokens.issue(user.id, version, family, 0)), private=True)
+
+
+async def end_family(db: Database, claims: Claims) -> None:
+    """End the family of a refresh token that was presented again after it had been rotated: it
+    has been copied, and nobody can tell the thief's copy from the owner's, so neither may go on.
+
+    The other place (beside throttle.count_attempt) where the service writes whatever the request
+    answers (a reuse is a 401): in a short transaction of its own, committed at once.
+    """
+    async with transaction(db.writes) as session:
+        await TokenFamilyStore(session).end(claims.family, claims.user_id)
 
 
 async def newest_of_its_family(request: Request) -> Claims:
@@ -89,10 +91,10 @@ async def newest_of_its_family(request: Request) -> Claims:
     would hold the write lock that ending the family needs.
     """
     claims = token_claims(request, "refresh")
-    async with transaction(request.state.sessionmaker) as session:
+    async with transaction(database(request).reads) as session:
         newest = await TokenFamilyStore(session).generation(claims.family, claims.user_id)
     if newest is not None and newest != claims.generation:
-        await end_family(request.state.write_sessionmaker, claims)
+        await end_family(database(request), claims)
     if newest != claims.generation:
         raise revoked()
     return claims
@@ -101,13 +103,13 @@ async def newest_of_its_family(request: Request) -> Claims:
 def lost_a_race(request: Request, claims: Claims) -> Response:
     """The same refresh token, used twice at once, and the other use came first: a reuse too. The
     family ends once this answer is sent (its own session: this request holds a write lock)."""
-    task = BackgroundTask(end_family, request.state.write_sessionmaker, claims)
+    task = BackgroundTask(end_family, database(request), claims)
     return error_response(401, "Token has been revoked", headers=revoked().headers, background=task)
 
 
 async def refresh(request: Request) -> Response:
     claims = await newest_of_its_family(request)
-    tokens: Tokens = request.state.tokens
+    tokens = resources(request).tokens
     families = TokenFamilyStore(request.state.session)
     generation = await families.rotate(claims.family, claims.user_id, claims.generation, tokens.family_expiry())
     if generation is None:
@@ -137,12 +139,12 @@ async def check_own_password(request: Request, claims: Claims, password: str, fi
     otherwise a 400 with a field error on `field` (the token was good, so not a 401: a client that
     treats 401 as "signed out" would drop its session over a typo). Counted by the throttle like a
     signin; holds nothing while the hash runs."""
-    async with transaction(request.state.sessionmaker) as session:
+    async with transaction(database(request).reads) as session:
         user = await UserStore(session).current(claims.user_id, claims.version, claims.family)
     if user is None:
         raise no_longer_valid()
     attempt = await count_attempt(request, user.username)
-    if not await verify_password(user.password_hash, password, request.state.hash_limiter):
+    if not await verify_password(user.password_hash, password, resources(request).hash_limiter):
         raise field_error(field, "is not your current password")
     return user, attempt
 
@@ -174,7 +176,7 @@ async def change_password(request: Request) -> Response:
     user, attempt = await check_own_password(request, claims, data.old_password, "old_password")
     if data.new_password.casefold() == user.username.casefold():
         raise field_error("new_password", "must not be your username")
-    new_hash = await hash_password(data.new_password, request.state.hash_limiter)
+    new_hash = await hash_password(data.new_password, resources(request).hash_limiter)
     # Only if the token still holds: a racing change or deletion that committed first makes this
     # one fail (and has ended this token) instead of being overwritten.
     store = UserStore(request.state.session)
@@ -196,7 +198,53 @@ async def delete_me(request: Request) -> Response:
     return Response(status_code=204)  # its families went with it: every token it had stops working
 
 
-async def me(request: Request) -> Response:
-    # One route for the three methods, so that a 405 on /api/users/me lists all of them in Allow.
-    handlers = {"GET": get_me, "HEAD": get_me, "PATCH": update_me, "DELETE": delete_me}
-    return await handlers[request.method](request)
+SIGNUP_LINKS = {
+    "GetUser": {"operationId": "getUser", "parameters": {"path.username": "$response.body#/username"}},
+    "Signin": {
+        "operationId": "signin",
+        "requestBody": {"username": "$request.body#/username", "password": "$request.body#/password"},
+    },
+}
+
+# Fixed paths, before /api/users/{username} (app.py lists these first: Starlette takes the first match).
+OPERATIONS = (
+    Operation(
+        "POST", "/api/users/signup", signup, "signup", "Create a user", "accounts", 201, PrivateProfile,
+        (*BODY_ERRORS, 409), body=Signup, links=SIGNUP_LINKS,
+    ),
+    Operation(
+        "POST", "/api/users/signin", signin, "signin", "Sign in: get an access and a refresh token", "accounts",
+        200, TokenPair, (*BODY_ERRORS, 401, 429), body=Signin,
+    ),
+    Operation(
+        "POST", "/api/users/refresh", refresh, "refresh",
+        "Trade a refresh token for a new pair (the presented one is spent)", "accounts", 200, TokenPair, (401,),
+        auth=True,
+    ),
+    Operation(
+        "POST", "/api/users/signout", signout, "signout",
+        "Sign out: end this signin's session (its refresh and access tokens stop working)", "accounts", 204, None,
+        (401,), auth=True,
+    ),
+    Operation(
+        "GET", "/api/users/me", get_me, "getMe", "Your private profile", "accounts", 200, PrivateProfile, (401,),
+        auth=True,
+    ),
+    Operation(
+        "PATCH", "/api/users/me", update_me, "updateMe",
+        "Change your email (with your password), address or phone number", "accounts", 200, PrivateProfile,
+        (*BODY_ERRORS, 401, 409, 429), body=ProfileUpdate, auth=True,
+        error_notes={400: "The body is malformed, a field is invalid, or password is missing or wrong; no change."},
+    ),
+    Operation(
+        "DELETE", "/api/users/me", delete_me, "deleteMe", "Delete your account (takes its password)", "accounts",
+        204, None, (*BODY_ERRORS, 401, 429), body=AccountDeletion, auth=True,
+        error_notes={400: "The body is malformed, or password is missing or wrong; nothing was written."},
+    ),
+    Operation(
+        "PUT", "/api/users/me/password", change_password, "changePassword",
+        "Change your password (every session ends)", "accounts", 204, None, (*BODY_ERRORS, 401, 429),
+        body=PasswordChange, auth=True,
+        error_notes={400: "The body is malformed, a field is invalid, or old_password is wrong; nothing was written."},
+    ),
+)  # fmt: skip

@@ -1,233 +1,24 @@
-"""The engine and sessionmakers, the 503 mapping, and the session-per-request middleware."""
+"""One request, one AsyncSession, one transaction, committed before the response is sent.
+
+`DBSessionMiddleware` gives each HTTP request its own session at `request.state.session`; routes
+and stores never commit. A response below 400 is sent only after its transaction has committed;
+anything else rolls back, and a failed commit becomes a 500 instead of the app's response.
+"""
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
-from asyncpg.exceptions import TargetServerAttributeNotMatched
-from sqlalchemy import (
-    event,
-)
-from sqlalchemy.engine import URL, ExceptionContext, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pool import FairPool
-from settings import Settings
-
 logger = logging.getLogger("users.db")
-
-PROJECT_DIR = Path(__file__).resolve().parent
-
-
-# libpq's multi-host form, as managed providers print it: postgresql://app@h1:5432,h2:5432/users
-MULTI_HOST = re.compile(r"^(?P<scheme>[\w+]+://)(?P<user>[^@/?]*@)?(?P<hosts>[^/?@]*,[^/?@]*)(?P<rest>[/?].*)?$")
-
-
-def async_url(url: str) -> URL:
-    """Accept plain `postgresql://` and `sqlite://` URLs and pick the asyncio driver.
-
-    libpq's multi-host form, which SQLAlchemy's parser rejects, becomes SQLAlchemy's own
-    (`/users?host=h1:5432&host=h2:5432`); asyncpg tries the hosts in turn, and with
-    `target_session_attrs=read-write` keeps the first that takes writes: the primary.
-    """
-    if match := MULTI_HOST.match(url):
-        path, _, query = (match["rest"] or "/").partition("?")
-        # asyncpg wants every port spelled out; libpq's default is 5432.
-        hosts = "&".join(f"host={host}" + ("" if ":" in host else ":5432") for host in match["hosts"].split(","))
-        url = f"{match['scheme']}{match['user'] or ''}{path or '/'}?{hosts}" + (f"&{query}" if query else "")
-    parsed = make_url(url)
-    driver = {"postgres": "postgresql+asyncpg", "postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
-    return parsed.set(drivername=driver.get(parsed.drivername, parsed.drivername))
-
-
-def make_engine(settings: Settings, *, pooled: bool = True, autocommit: bool = False) -> AsyncEngine:
-    """One engine per process: it owns the connection pool. `autocommit`: its connections are in
-    autocommit unless a session asks for a transaction (see reads_in_autocommit)."""
-    url = async_url(settings.database_url)
-    # hide_parameters: a failed statement's error (and so its logged traceback) must not carry its
-    # bound values, which may be a password hash, an email or a token id.
-    kwargs: dict[str, Any] = {"pool_pre_ping": settings.pool_pre_ping, "hide_parameters": True}
-    if autocommit:
-        kwargs["isolation_level"] = "AUTOCOMMIT"
-    if pooled:
-        kwargs.update(
-            poolclass=FairPool,
-            pool_size=settings.pool_size,
-            max_overflow=settings.max_overflow,
-            pool_timeout=settings.pool_timeout,
-            pool_recycle=settings.pool_recycle,
-        )
-    else:
-        kwargs["poolclass"] = NullPool
-    if url.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = asyncpg_connect_args(settings)
-        engine = create_async_engine(url, **kwargs)
-        event.listen(engine.sync_engine, "handle_error", _read_only_is_a_disconnect)
-        return engine
-    engine = create_async_engine(url, **kwargs)
-    _configure_sqlite(engine)
-    return engine
-
-
-def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
-    # asyncpg waits 60 s to connect and forever for a statement unless told otherwise.
-    connect_args: dict[str, Any] = {
-        "timeout": settings.connect_timeout,
-        "command_timeout": settings.command_timeout,
-        # So that pg_stat_activity tells the service's connections apart.
-        "server_settings": {"application_name": settings.application_name},
-    }
-    if settings.pgbouncer:
-        # PgBouncer in transaction mode gives each transaction whichever server connection is
-        # free, so nothing may outlive its transaction on a server connection: no statement is
-        # cached, and each is unnamed (prepared, bound and run in its own transaction, then
-        # replaced by the next Parse), so none is left behind for another client to meet. The
-        # pool keeps client connections to PgBouncer open: connecting was the most of the cost.
-        connect_args |= {
-            "statement_cache_size": 0,
-            "prepared_statement_cache_size": 0,
-            "prepared_statement_name_func": lambda: "",
-        }
-    return connect_args
-
-
-def _read_only_is_a_disconnect(context: ExceptionContext) -> None:
-    """A connection to a node that no longer takes writes (a demoted primary, a standby reached
-    through a stale address) would fail every write after this one: drop it, and with it the
-    pool's other connections made before it, so that the next checkout connects afresh and finds
-    the primary of now."""
-    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
-        context.is_disconnect = True
-
-
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy emit BEGIN itself, so SAVEPOINT and transactional DDL work (see
-        # SQLAlchemy's "Transactions with SQLite and the sqlite3 driver").
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "busy_timeout=5000", "foreign_keys=ON", "synchronous=NORMAL"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def on_begin(connection: Any) -> None:
-        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout for it). A DEFERRED
-        # transaction that reads and then writes fails at once, without waiting, when another
-        # writer committed after its read began: WAL cannot upgrade a stale snapshot.
-        connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
-
-
-def reads_in_autocommit(settings: Settings) -> bool:
-    """On PostgreSQL a reading request runs in autocommit: under READ COMMITTED every statement has
-    its own snapshot anyway, so it loses nothing, and it saves the BEGIN and COMMIT round trips. Not
-    behind PgBouncer in transaction mode: there asyncpg's prepare and execute must stay inside one
-    transaction, or they may reach two different servers."""
-    return async_url(settings.database_url).get_backend_name() == "postgresql" and not settings.pgbouncer
-
-
-def make_sessionmaker(
-    engine: AsyncEngine, *, writes: bool = False, autocommit: bool = False, close_timeout: float = 10.0
-) -> async_sessionmaker[AsyncSession]:
-    """Sessions for requests that may write, or (writes=False) for GET and HEAD, which only read.
-
-    On SQLite a writing request begins with BEGIN IMMEDIATE (see _configure_sqlite). With an
-    engine whose connections are in autocommit (`autocommit`: make_engine's, for reads), a writing
-    request asks for READ COMMITTED transactions: reads, the most of the traffic, then switch no
-    isolation level.
-
-    A closed session stays closed (close_resets_only=False): whatever uses it after its
-    transaction ended gets an error instead of a new transaction that nobody would commit.
-    """
-    if writes:
-        options = {"isolation_level": "READ COMMITTED"} if autocommit else {"sqlite_begin": "IMMEDIATE"}
-        bind = engine.execution_options(**options)
-    else:
-        bind = engine
-    info = {"close_timeout": close_timeout, "autocommit": autocommit and not writes}
-    return async_sessionmaker(bind, expire_on_commit=False, close_resets_only=False, info=info)
-
-
-# SQLSTATEs that mean "not now": connection exceptions (08), insufficient resources such as too
-# many connections (53), and shutdowns or "the database system is starting up" (57P01-57P03).
-# asyncpg's errors for these reach SQLAlchemy as plain DBAPIErrors.
-# And 25006, "cannot execute ... in a read-only transaction": this node is (now) a standby.
-READ_ONLY_SQLSTATE = "25006"
-UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", READ_ONLY_SQLSTATE)
-
-
-# SQLite's result codes for "not now": busy or locked past busy_timeout, the file cannot be
-# opened, an I/O error. A plain SQLITE_ERROR (such as "no such table") is not one of them.
-UNAVAILABLE_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PROTOCOL")
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True for the errors that mean "the database cannot be reached right now" (a 503).
-
-    Not for a permanent fault such as a missing table: retrying that would not help.
-    """
-    if isinstance(exc, PoolTimeoutError | OSError):
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated or isinstance(getattr(exc.orig, "__cause__", None), TargetServerAttributeNotMatched):
-        return True  # ...or no host takes writes yet (target_session_attrs=read-write, mid-failover)
-    sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
-    if sqlite_error is not None:
-        return str(sqlite_error).startswith(UNAVAILABLE_SQLITE_ERRORS)
-    sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
-    return isinstance(exc, OperationalError | InterfaceError) or sqlstate.startswith(UNAVAILABLE_SQLSTATES)
-
-
-def _alembic_config(database_url: str | None = None) -> Any:
-    from alembic.config import Config as AlembicConfig
-
-    config = AlembicConfig(str(PROJECT_DIR / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_DIR / "migrations"))
-    config.attributes["database_url"] = database_url
-    return config
-
-
-def upgrade_schema(database_url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations (blocking; from async code, run it in a thread)."""
-    from alembic import command
-
-    command.upgrade(_alembic_config(database_url), revision)
-
-
-@dataclass(frozen=True)
-class SchemaRevisions:
-    """The migrations' head, and every revision this code knows (read once, at startup)."""
-
-    head: str
-    known: frozenset[str]
-
-    @classmethod
-    def from_migrations(cls) -> SchemaRevisions:
-        from alembic.script import ScriptDirectory
-
-        script = ScriptDirectory.from_config(_alembic_config())
-        return cls(str(script.get_current_head()), frozenset(rev.revision for rev in script.walk_revisions()))
-
-    def behind(self, found: str | None) -> bool:
-        """True if the database needs this code's migrations. A revision this code does not know
-        is taken to be newer (a later release migrated first, during a rolling deploy): ready."""
-        return found is None or (found != self.head and found in self.known)
-
-
-# --- the session middleware -----------------------------------------------------------------
 
 
 class CommitFailed(Exception):
@@ -235,11 +26,8 @@ class CommitFailed(Exception):
 
 
 class DBSessionMiddleware:
-    """Give each HTTP request its own AsyncSession at `request.state.session`.
-
-    A response below 400 is sent only after its transaction has committed; anything else rolls
-    back, and a failed commit becomes a 500 instead of the app's response.
-    """
+    """Give each HTTP request its own AsyncSession at `request.state.session` (from the Database the
+    lifespan put at `state["database"]`), and end its transaction before the response starts."""
 
     def __init__(self, app: ASGIApp, on_transaction_end: Callable[[str], None] | None = None) -> None:
         self.app = app
@@ -251,10 +39,9 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        ended = self.on_transaction_end
-        writes = scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        database: Database = scope["state"]["database"]
         # Cheap: the session checks out a pooled connection only when first used.
-        session: AsyncSession = scope["state"]["write_sessionmaker" if writes else "sessionmaker"]()
+        session = database.session(writes=scope["method"] not in ("GET", "HEAD", "OPTIONS"))
         # A copy: some servers (and asgi-lifespan) hand every request the same state dict.
         scope["state"] = {**scope["state"], "session": session}
         commit_error: CommitFailed | None = None
@@ -265,24 +52,20 @@ class DBSessionMiddleware:
             if commit_error is not None:
                 return  # the app's response is dropped: the client gets the 500
             if message["type"] == "http.response.start":
-                worked = session.in_transaction()
+                did_work = session.in_transaction()
                 try:
                     if message["status"] < 400:
-                        # Don't send the start message until we know the commit worked. (In
-                        # autocommit every statement has committed on its own: nothing to do.)
+                        # Don't send the start message until we know the commit worked.
                         try:
-                            if not session.info["autocommit"]:
-                                await session.commit()
+                            await session.commit()
                         except Exception as exc:
-                            ended("commit_failed")
+                            self.on_transaction_end("commit_failed")
                             commit_error = CommitFailed("the commit failed, so the response was not sent")
                             raise commit_error from exc
-                        if worked:
-                            ended("commit")
                     else:
-                        if worked:
-                            ended("rollback")
                         await session.rollback()
+                    if did_work:
+                        self.on_transaction_end("commit" if message["status"] < 400 else "rollback")
                 finally:
                     # The request's transaction is over. Closed for good, a later use of this
                     # session (a background task, a streaming body) fails loudly instead of
@@ -298,33 +81,45 @@ class DBSessionMiddleware:
         finally:
             if not closed:  # the app raised (or was cancelled) before it answered
                 if session.in_transaction():
-                    ended("rollback")
+                    self.on_transaction_end("rollback")
                 await close_session(session)
 
 
-async def close_session(session: AsyncSession) -> None:
-    """Close a session and give back its connection, even when cancelled, within close_timeout."""
-    if not session.in_transaction() or session.info["autocommit"]:
-        # Committed, rolled back or never used: the connection is back in the pool already; or
-        # in autocommit, where there is no transaction to roll back. Either way close() does no
-        # I/O, so it cannot be interrupted, and there is nothing to shield (the shield and the
-        # bound cost a tenth of a lookup).
+class DBSession(AsyncSession):
+    """An AsyncSession that knows how it ends: whether its connection is in autocommit (a reading
+    request on PostgreSQL: there is no transaction to commit or roll back), and how long closing
+    it may take."""
+
+    def __init__(self, *args: Any, autocommit: bool = False, close_timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.autocommit = autocommit
+        self.close_timeout = close_timeout
+
+    async def commit(self) -> None:
+        if not self.autocommit:  # in autocommit every statement has committed on its own
+            await super().commit()
+
+
+async def close_session(session: DBSession) -> None:
+    """Close a session and give back its connection, even when cancelled, within its close_timeout."""
+    if not session.in_transaction() or session.autocommit:
+        # Committed, rolled back or never used, or in autocommit: close() does no I/O, so it cannot
+        # be interrupted, and there is nothing to shield.
         await session.close()
         return
     # The work failed or was cancelled mid-transaction: close() rolls back and returns the
     # connection. Shielded, because cancelled work must still give its connection back; bounded,
     # because a dead socket must not hold a pool slot forever.
-    timeout: float = session.info["close_timeout"]
     with anyio.CancelScope(shield=True):
-        with anyio.move_on_after(timeout) as bound:
+        with anyio.move_on_after(session.close_timeout) as bound:
             await session.close()
         if bound.cancelled_caught:
-            logger.warning("closing a session took over %s s; invalidating its connection", timeout)
+            logger.warning("closing a session took over %s s; invalidating its connection", session.close_timeout)
             await session.invalidate()
 
 
 @asynccontextmanager
-async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+async def transaction(sessionmaker: async_sessionmaker[DBSession]) -> AsyncIterator[DBSession]:
     """A session and transaction of its own, outside the request's: committed when the block ends,
     rolled back if it raises, always closed (as the middleware closes the request's session).
 
@@ -337,3 +132,43 @@ async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIt
         await session.commit()
     finally:
         await close_session(session)
+
+
+@dataclass(frozen=True)
+class Database:
+    """The process's engine, and its sessions: `reads` for GET and HEAD, `writes` for the rest.
+
+    On SQLite a writing session begins with BEGIN IMMEDIATE (engine.py). With an engine in
+    autocommit (`autocommit_reads`, PostgreSQL), reads run statement by statement and writes ask
+    for READ COMMITTED transactions. A closed session stays closed (close_resets_only=False):
+    whatever uses it after its transaction ended gets an error, not a new transaction.
+    """
+
+    engine: AsyncEngine
+    reads: async_sessionmaker[DBSession]
+    writes: async_sessionmaker[DBSession]
+
+    @classmethod
+    def on(cls, engine: AsyncEngine, *, autocommit_reads: bool = False, close_timeout: float = 10.0) -> Database:
+        options = {"isolation_level": "READ COMMITTED"} if autocommit_reads else {"sqlite_begin": "IMMEDIATE"}
+
+        def sessions(bind: AsyncEngine, autocommit: bool) -> async_sessionmaker[DBSession]:
+            return async_sessionmaker(
+                bind,
+                class_=DBSession,
+                expire_on_commit=False,
+                close_resets_only=False,
+                autocommit=autocommit,
+                close_timeout=close_timeout,
+            )
+
+        return cls(engine, sessions(engine, autocommit_reads), sessions(engine.execution_options(**options), False))
+
+    def session(self, *, writes: bool) -> DBSession:
+        return self.writes() if writes else self.reads()
+
+
+def database(request: Request) -> Database:
+    """The Database the lifespan made (for routes that need a short transaction of their own)."""
+    made: Database = request.state.database
+    return made

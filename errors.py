@@ -13,7 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from db import CommitFailed, is_unavailable
+from db import CommitFailed
+from engine import is_unavailable
+from headers import CLOSE, RETRY_AFTER_SECONDS
+from resources import resources
 from schemas import PATTERN_RULES
 
 logger = logging.getLogger("users")
@@ -64,7 +67,7 @@ async def validation_error(request: Request, exc: Exception) -> Response:
             message = PATTERN_RULES.get(error.get("ctx", {}).get("pattern", ""), message)
         fields.setdefault(str(field), message)  # one message per field: the first branch's
     listed = [{"field": field, "message": message} for field, message in fields.items()][:MAX_FIELD_ERRORS]
-    if len(fields) > MAX_FIELD_ERRORS:  # 6,000 unknown keys once made a 365 KB answer
+    if len(fields) > MAX_FIELD_ERRORS:  # a body of thousands of unknown keys gets a short answer
         return error_response(
             400, f"Some fields are missing or invalid (the first {MAX_FIELD_ERRORS} are listed).", errors=listed
         )
@@ -83,9 +86,9 @@ async def database_error(request: Request, exc: Exception) -> Response:
 
 def unavailable(request: Request, exc: BaseException, detail: str, **headers: str) -> Response:
     logger.warning("database unavailable: %r", exc)
-    if request.state.metrics is not None:
-        request.state.metrics.unavailable.inc()
-    return error_response(503, detail, headers={"Retry-After": "2", **headers})
+    if (metrics := resources(request).metrics) is not None:
+        metrics.unavailable.inc()
+    return error_response(503, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS), **headers})
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -93,7 +96,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
         # The connection died under the COMMIT (a failover cut it): the commit may have happened
         # or not, and nobody can tell now. A retry can: a 503 says to make one.
         detail = "The database connection was lost during the commit, which may or may not have happened; retry."
-        return unavailable(request, exc.__cause__, detail, Connection="close")  # as for a 500, below
+        return unavailable(request, exc.__cause__, detail, **CLOSE)  # as for a 500, below
     # uvicorn closes the connection after an unhandled error; say so, or a client that reuses the
     # connection loses its next request.
-    return error_response(500, "Internal server error.", headers={"Connection": "close"})
+    return error_response(500, "Internal server error.", headers=CLOSE)

@@ -1,10 +1,16 @@
-"""Headers that every answer carries, whoever made it (a route, a middleware, or the 500 page)."""
+"""Headers that every answer carries, whoever made it (a route, a middleware, or the 500 page),
+and the header values the service sends from more than one place."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+# The connection cannot carry another request (an unread body, or an unhandled error).
+CLOSE = {"Connection": "close"}
+# The body holds tokens or private data, which no cache may keep.
+NO_STORE = {"Cache-Control": "no-store"}
+RETRY_AFTER_SECONDS = 2  # on a 503: the database is expected back within seconds
 
 
 class SecurityHeadersMiddleware:

@@ -1,17 +1,16 @@
 """Limits on what a client may make the service hold or wait for: the request head (request line
-and headers) and the request body, which is read whole before any route runs."""
+and headers) and the request body, which is read whole before any route runs. (A head that
+arrives in pieces is bounded as it arrives, by protocol.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
-from typing import Any
 
 import anyio
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from errors import error_response
+from headers import CLOSE
 
 logger = logging.getLogger("users")
 
@@ -91,59 +90,4 @@ class RequestLimitsMiddleware:
 
 async def refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
     # Whatever of the request is unread, this connection cannot carry another one.
-    response = JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
-    await response(scope, receive, send)
-
-
-class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a request head over MAX_HEAD_BYTES while it arrives.
-
-    httptools keeps a head in memory until it ends, however long that is (four 128 MiB headers
-    took a worker from 145 to 842 MiB), and the app sees nothing until then. This counts what
-    arrives while a head is incomplete and, past the limit, answers 431 and closes: memory stays
-    within the limit plus one read. A whole head that arrives in one read is refused by
-    RequestLimitsMiddleware instead. Used with `uvicorn --http limits:BoundedHttpToolsProtocol`.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.head_bytes = 0
-        self.in_head = True  # between requests too: what comes next is a head
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        # asyncio sets TCP_NODELAY only on sockets it made itself for TCP. With several workers
-        # uvicorn binds the socket (its protocol field left 0) and hands it over, so accepted
-        # connections kept Nagle's algorithm: the body, written after the head, waited for the
-        # client's delayed ACK, 40 ms a response (2 workers: 700 lookups/s at 32 connections).
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.in_head:
-            self.head_bytes += len(data)
-        super().data_received(data)
-        if self.in_head and self.head_bytes > MAX_HEAD_BYTES and self.transport.is_reading():
-            body = b'{"detail":"%s"}' % HEAD_TOO_LARGE.encode()
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"x-content-type-options: nosniff\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-                % (len(body), body)
-            )
-            # Read no more, and close a moment later: closing with unread input at once would send
-            # a reset, which can destroy the answer before the client has read it.
-            self.transport.pause_reading()
-            self.loop.call_later(1.0, self.transport.close)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.in_head, self.head_bytes = True, 0
-
-    def on_headers_complete(self) -> None:
-        self.in_head = False
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self.in_head, self.head_bytes = True, 0
+    await error_response(status, detail, headers=CLOSE)(scope, receive, send)

@@ -50,9 +50,9 @@ class Base(DeclarativeBase):
 
 
 # Ids are never reused: AUTOINCREMENT on SQLite (which needs the INTEGER type), IDENTITY on PostgreSQL.
-Id = BigInteger().with_variant(Integer(), "sqlite")
+ID_TYPE = BigInteger().with_variant(Integer(), "sqlite")
 # Binary collation, so usernames compare and sort alike on SQLite and PostgreSQL.
-Username = String(20).with_variant(String(20, collation="C"), "postgresql")
+USERNAME_TYPE = String(20).with_variant(String(20, collation="C"), "postgresql")
 
 
 class User(Base):
@@ -65,8 +65,8 @@ class User(Base):
         {"sqlite_autoincrement": True},
     )
 
-    id: Mapped[int] = mapped_column(Id, Identity(always=False))
-    username: Mapped[str] = mapped_column(Username)  # matched exactly, as typed
+    id: Mapped[int] = mapped_column(ID_TYPE, Identity(always=False))
+    username: Mapped[str] = mapped_column(USERNAME_TYPE)  # matched exactly, as typed
     username_key: Mapped[str] = mapped_column(String(20))  # username.lower(): unique regardless of case
     email: Mapped[str] = mapped_column(String(254))  # as the user typed it (after email-validator)
     email_key: Mapped[str] = mapped_column(String(EMAIL_KEY_LENGTH))  # email_key(email): unique
@@ -89,7 +89,7 @@ class TokenFamily(Base):
 
     id: Mapped[str] = mapped_column(String(32))
     user_id: Mapped[int] = mapped_column(
-        Id, ForeignKey("users.id", ondelete="CASCADE", name="fk_token_families_user"), index=True
+        ID_TYPE, ForeignKey("users.id", ondelete="CASCADE", name="fk_token_families_user"), index=True
     )
     generation: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

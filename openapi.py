@@ -1,13 +1,13 @@
-"""The OpenAPI 3.1 document, generated from the pydantic models that validate and shape the API,
-and /docs, the interactive page that shows it.
-
-Each route in app.py has one `Operation` here; a test checks that the two lists match.
-"""
+"""The API's operations, each declared once beside its endpoint (route modules list theirs in
+OPERATIONS), made into the Starlette routes and into the OpenAPI 3.1 document, whose schemas come
+from the pydantic models that validate and shape the API; and /docs, the page that shows it."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,27 +15,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from schemas import (
-    COMMON_PASSWORD_RULE,
-    AccountDeletion,
-    Error,
-    ListQuery,
-    Page,
-    PasswordChange,
-    PrivateProfile,
-    ProfileUpdate,
-    PublicProfile,
-    Readiness,
-    Signin,
-    Signup,
-    Status,
-    TokenPair,
-    common_password_pattern,
-)
+from schemas import COMMON_PASSWORD_RULE, Error, common_password_pattern
 
 ERRORS = {
     400: "The body or query is malformed or a field is invalid; nothing was written.",
@@ -50,14 +34,28 @@ ERRORS = {
     503: "The database cannot be reached or has no free connection; retry after Retry-After seconds.",
 }
 BODY_ERRORS = (400, 408, 413, 415)
+TAGS = [
+    {"name": "accounts", "description": "Signing up and in, tokens, and your own account."},
+    {"name": "profiles", "description": "Public profiles, by username or as a list."},
+    {"name": "probes", "description": "Liveness, readiness and this document."},
+]
+PATH_PARAMETER = re.compile(r"{(\w+)}")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: a document is cached per tuple of them
 class Operation:
+    """One operation of the API: its route is made from it (routes_of), and so is its part of the
+    document. Links only carry data between operations: credentials come from schemathesis's own
+    sign-up and login, since it counts any credential that a link supplies as generated."""
+
     method: str
     path: str
+    endpoint: Endpoint
     operation_id: str
     summary: str
+    tag: str
     status: int
     response: type[BaseModel] | None
     errors: tuple[int, ...] = ()
@@ -69,53 +67,33 @@ class Operation:
     error_notes: dict[int, str] = field(default_factory=dict)  # in place of ERRORS' description
 
 
-# Links only carry data between operations. Credentials come from schemathesis's own sign-up and
-# login, since it counts any credential that a link supplies as generated, hence invalid.
-OPERATIONS = (
-    Operation(
-        "post", "/api/users/signup", "signup", "Create a user", 201, PrivateProfile, (*BODY_ERRORS, 409), body=Signup,
-        links={
-            "GetUser": {"operationId": "getUser", "parameters": {"path.username": "$response.body#/username"}},
-            "Signin": {
-                "operationId": "signin",
-                "requestBody": {"username": "$request.body#/username", "password": "$request.body#/password"},
-            },
-        },
-    ),
-    Operation(
-        "post", "/api/users/signin", "signin", "Get an access and a refresh token", 200, TokenPair,
-        (*BODY_ERRORS, 401, 429), body=Signin,
-    ),
-    Operation(
-        "post", "/api/users/refresh", "refresh", "Trade a refresh token for a new pair (the old one is revoked)",
-        200, TokenPair, (401,), auth=True,
-    ),
-    Operation("post", "/api/users/signout", "signout", "Revoke a refresh token", 204, None, (401,), auth=True),
-    Operation("get", "/api/users/me", "getMe", "Your private profile", 200, PrivateProfile, (401,), auth=True),
-    Operation(
-        "patch", "/api/users/me", "updateMe", "Change your email (with your password), address or phone number",
-        200, PrivateProfile, (*BODY_ERRORS, 401, 409, 429), body=ProfileUpdate, auth=True,
-        error_notes={400: "The body is malformed, a field is invalid, or password is missing or wrong; no change."},
-    ),
-    Operation(
-        "delete", "/api/users/me", "deleteMe", "Delete your account (takes its password)", 204, None,
-        (*BODY_ERRORS, 401, 429), body=AccountDeletion, auth=True,
-        error_notes={400: "The body is malformed, or password is missing or wrong; nothing was written."},
-    ),
-    Operation(
-        "put", "/api/users/me/password", "changePassword", "Change your password (earlier tokens stop working)",
-        204, None, (*BODY_ERRORS, 401, 429), body=PasswordChange, auth=True,
-        error_notes={400: "The body is malformed, a field is invalid, or old_password is wrong; nothing was written."},
-    ),
-    Operation("get", "/api/users", "listUsers", "Public profiles by username", 200, Page, (400,), query=ListQuery),
-    Operation("get", "/api/users/{username}", "getUser", "A public profile", 200, PublicProfile, (404,)),
-    Operation("get", "/healthz", "healthz", "Liveness; touches no database", 200, Status, database=False),
-    Operation(
-        "get", "/readyz", "readyz", "Readiness: the database answers, at the schema's head", 200, Readiness,
-        error_notes={503: "Not ready: the database cannot be reached, or its schema is not at the migrations' head."},
-    ),
-    Operation("get", "/openapi.json", "openapi", "This document", 200, None, database=False),
-)  # fmt: skip
+def routes_of(operations: Sequence[Operation]) -> list[BaseRoute]:
+    """A route per path, in the order of first mention (Starlette takes the first match), and
+    /openapi.json (which reads the app's `state.operations`)."""
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for op in (*operations, OPENAPI):
+        by_path.setdefault(op.path, {})[op.method] = op.endpoint
+    return [Route(path, by_method(endpoints), methods=list(endpoints)) for path, endpoints in by_path.items()]
+
+
+def by_method(endpoints: dict[str, Endpoint]) -> Endpoint:
+    if len(endpoints) == 1:
+        return next(iter(endpoints.values()))
+
+    async def endpoint(request: Request) -> Response:
+        # One route for the methods of one path, so that its 405 lists all of them in Allow.
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_document(request.app.state.operations))
+
+
+OPENAPI = Operation(
+    "GET", "/openapi.json", openapi_json, "openapi", "This document", "probes", 200, None, database=False
+)
 
 
 def _json(schema: dict[str, Any] | None, description: str) -> dict[str, Any]:
@@ -146,31 +124,39 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
             responses["401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
         if status in (429, 503):
             responses[str(status)]["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
-    document: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "responses": responses}
+    document: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "responses": responses,
+    }
     if op.body is not None:
         document["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref[op.body]}}}
     if op.query is not None:
         document["parameters"] = _query_parameters(op.query)
-    if op.path == "/api/users/{username}":
-        document["parameters"] = [{"name": "username", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if names := PATH_PARAMETER.findall(op.path):
+        document["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in names
+        ]
     document["security"] = [{"bearer": []}] if op.auth else []  # [] says "public", where absent says nothing
     return document
 
 
 @functools.cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
+    """The document of these operations and of /openapi.json itself."""
+    operations = (*operations, OPENAPI)
+    inputs = dict.fromkeys(op.body for op in operations if op.body is not None)
+    outputs: dict[type[BaseModel], None] = dict.fromkeys([*(op.response for op in operations if op.response), Error])
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        *((model, "validation") for model in (Signup, Signin, ProfileUpdate, PasswordChange, AccountDeletion)),
-        *(
-            (model, "serialization")
-            for model in (PublicProfile, PrivateProfile, Page, TokenPair, Error, Status, Readiness)
-        ),
+        *((model, "validation") for model in inputs),
+        *((model, "serialization") for model in outputs),
     ]
     keys, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
     ref: dict[Any, dict[str, Any]] = {model: schema for (model, _mode), schema in keys.items()}
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
-        paths.setdefault(op.path, {})[op.method] = _operation(op, ref)
+    for op in operations:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, ref)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -180,6 +166,7 @@ def openapi_document() -> dict[str, Any]:
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "servers": [{"url": "/", "description": "The service that serves this document"}],
+        "tags": TAGS,
         "paths": paths,
         "components": {
             "schemas": {
@@ -195,6 +182,7 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
+# --- /docs: Swagger UI, served by the service itself ---------------------------------------------
 # --- /docs: Swagger UI, served by the service itself ---------------------------------------------
 
 DOCS_PAGE = """<!doctype html>

@@ -15,9 +15,13 @@ class FairQueue(QueueCommon[ConnectionPoolEntry]):
 
     SQLAlchemy's AsyncAdaptedQueue is an asyncio.Queue: a connection put back goes to the queue,
     the first waiter is only woken, and a request that arrives before it runs takes the connection;
-    the waiter queues again at the back. At 256 connections that starved some requests until the
-    pool timeout. Here a connection put back goes straight to the longest waiter, and nobody
-    passes a waiter.
+    the waiter queues again at the back, so under load some requests can wait until the pool
+    timeout while others pass them. Here a connection put back goes straight to the longest
+    waiter, and nobody passes a waiter.
+
+    SQLAlchemy has no public way to choose a pool's queue: this uses its internals (the pool's
+    `_queue_class`, sqlalchemy.util's queue and await_), with SQLAlchemy pinned, and a test
+    (tests/test_schema.py) that fails with a clear message the day an upgrade moves them.
     """
 
     def __init__(self, maxsize: int = 0, use_lifo: bool = False):

@@ -24,6 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from headers import NO_STORE
+
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
 RESERVED_USERNAMES = ("me", "signup", "signin", "refresh", "signout")
 USERNAME_PATTERN = r"^[a-zA-Z0-9_-]{3,20}$"
@@ -45,7 +47,7 @@ COMMON_PASSWORD_RULE = "one of the most common passwords, or one with a few digi
 
 @functools.cache
 def common_password_pattern() -> str:
-    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # 30 ms to import: only when first needed
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # slow to import: only when first needed
 
     def any_case(word: str) -> str:  # [Pp][Aa]..., and \xHH for symbols: the same in Python, Rust and ECMA
         return "".join(
@@ -260,7 +262,7 @@ class Readiness(Status):
 
 def model_response(model: BaseModel, status_code: int = 200, *, private: bool = False) -> Response:
     """`private`: the body holds tokens or private data, which no cache may keep."""
-    headers = {"Cache-Control": "no-store"} if private else None
+    headers = NO_STORE if private else None
     return Response(model.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")
 
 

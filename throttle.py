@@ -1,7 +1,7 @@
 """The signin throttle: failures counted in the database, so every worker and replica shares them.
 
 `count_attempt` is one of the two places where the service writes whatever the request answers
-(the other: auth.end_family). A failed password check is a 4xx, and the middleware rolls every 4xx
+(the other: accounts.end_family). A failed password check is a 4xx, and the middleware rolls every 4xx
 back, so the count goes in a short transaction of its own, committed at once.
 """
 
@@ -16,21 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from db import transaction
+from db import database, transaction
 from models import ADDRESS_LENGTH
+from resources import resources
 from stores import SigninFailureStore
 
 Kind = Literal["password", "email"]  # a password check, or an "Email already exists" answer
-
-
-@dataclass(frozen=True)
-class Throttle:
-    """Failures allowed per (address, username) and per address, in `window` seconds. A limit of
-    0 turns that rule off. Email-taken answers are counted per (address, username) only."""
-
-    user_limit: int
-    address_limit: int
-    window: int
 
 
 @dataclass(frozen=True)
@@ -65,15 +56,17 @@ async def count_attempt(request: Request, username: str, kind: Kind = "password"
     """Count an attempt before its outcome is known (before the password is checked), so that
     concurrent guesses cannot all get through; over a limit, a 429, and no hash is spent.
     Windows that have passed are purged on the way."""
-    throttle: Throttle = request.state.throttle
+    settings = resources(request).settings
     address = client_address(request)
-    limits = {username: throttle.user_limit} | ({"": throttle.address_limit} if kind == "password" else {})
-    rules = {name: limit for name, limit in limits.items() if limit}
+    limits = {username: settings.signin_failure_limit}
+    if kind == "password":  # email-taken answers are counted per (address, username) only
+        limits[""] = settings.signin_address_failure_limit
+    rules = {name: limit for name, limit in limits.items() if limit}  # a limit of 0 turns its rule off
     if not rules:
         return Attempt(kind, address, username, {})
-    now, window = datetime.now(UTC), timedelta(seconds=throttle.window)
+    now, window = datetime.now(UTC), timedelta(seconds=settings.signin_failure_window)
     waits, windows = [], {}
-    async with transaction(request.state.write_sessionmaker) as session:
+    async with transaction(database(request).writes) as session:
         store = SigninFailureStore(session)
         await store.purge(now - window)
         for name, limit in rules.items():

@@ -10,7 +10,7 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from db import make_engine
+from engine import make_engine
 from models import Base
 from settings import Settings
 

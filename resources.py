@@ -1,0 +1,30 @@
+"""What the lifespan makes for the routes, beside the Database (db.py): one typed object, reached
+with `resources(request)`."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import anyio
+from starlette.requests import Request
+
+from metrics import Metrics
+from migrate import SchemaRevisions
+from settings import Settings
+from tokens import Tokens
+
+
+@dataclass(frozen=True)
+class Resources:
+    settings: Settings
+    tokens: Tokens
+    hash_limiter: anyio.CapacityLimiter  # about one password hash per CPU at a time
+    schema: SchemaRevisions  # what /readyz compares the database with
+    metrics: Metrics | None  # None with METRICS=false
+    draining: threading.Event  # set by SIGTERM: /readyz answers 503 from then on
+
+
+def resources(request: Request) -> Resources:
+    made: Resources = request.state.resources
+    return made
