@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.batch import recreated_on_sqlite
+
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
@@ -33,5 +35,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_revoked_tokens_expires_at", table_name="revoked_tokens")
     op.drop_table("revoked_tokens")
-    with op.batch_alter_table("users") as batch:
+    # On SQLite dropping a column copies the table, which loses the expression index (batch mode
+    # cannot reflect it): drop it first and make it again.
+    op.drop_index("uq_users_email_lower", table_name="users")
+    with recreated_on_sqlite("users") as batch:
         batch.drop_column("token_version")
+    op.create_index("uq_users_email_lower", "users", [sa.text("lower(email)")], unique=True)
