@@ -19,9 +19,9 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from auth import hasher
-from db import async_url
+from engine import async_url
 from models import User, email_key
+from passwords import hasher
 
 engine = create_async_engine(async_url(os.environ["DATABASE_URL"]), pool_recycle=28000, pool_pre_ping=True)
 session_factory = async_sessionmaker(bind=engine, expire_on_commit=False)

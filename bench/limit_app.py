@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from auth import hasher
+from passwords import hasher
 
 PUBLIC = "SELECT id, username, created_at FROM users"
 URL = os.environ["DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")

@@ -24,9 +24,9 @@ from litestar.exceptions import NotFoundException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth import hasher
-from db import async_url
+from engine import async_url
 from models import User, email_key
+from passwords import hasher
 
 limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
 alchemy = SQLAlchemyAsyncConfig(

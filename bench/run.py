@@ -40,17 +40,18 @@ sys.path.insert(0, str(PROJECT / "tests"))  # chaos.py: free_port, PgBouncer
 
 import soak  # noqa: E402  (bench/soak.py, beside this file)
 
-from auth import Tokens, hasher  # noqa: E402
-from chaos import SERVE_FLAGS, PgBouncer, free_port  # noqa: E402
-from db import upgrade_schema  # noqa: E402
+from chaos import PgBouncer, free_port  # noqa: E402
+from migrate import upgrade_schema  # noqa: E402
+from passwords import hasher  # noqa: E402
+from tokens import Tokens  # noqa: E402
 
 SECRET = "bench-secret-" + "b" * 40
 BENCH_FAMILY = "b" * 32
-# The service runs as scripts/serve runs it (SERVE_FLAGS: the bounded head parser, no Server
-# banner, its own request log in place of uvicorn's), with its defaults: request logs and metrics
-# on, the log written to a file. The variants differ from it in one thing each, and are measured
-# on lookups only, beside it in every round: what that one thing costs.
-SERVICE = ["app:create_app", "--factory", *SERVE_FLAGS]
+# The service runs as scripts/serve runs it (server.py: its HTTP protocol, no Server banner, its
+# own request log in place of uvicorn's), with its defaults: request logs and metrics on, the log
+# written to a file. The variants differ from it in one thing each (more uvicorn options, or
+# settings), and are measured on lookups only, beside it in every round: what that one thing costs.
+SERVICE: list[str] = []
 APPS: dict[str, tuple[list[str], dict[str, str]]] = {
     "service": (SERVICE, {}),
     "limit": (["limit_app:app", "--app-dir", "bench", "--http", "httptools", "--no-access-log"], {}),
@@ -60,8 +61,8 @@ APPS: dict[str, tuple[list[str], dict[str, str]]] = {
 PGBOUNCER = "service, through PgBouncer"
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "service, logs and metrics off": (SERVICE, {"REQUEST_LOG": "false", "METRICS": "false"}),
-    "service, plain httptools": ([*SERVICE[:2], "--http", "httptools", *SERVE_FLAGS[2:]], {}),
-    "service, uvloop": ([*SERVICE[:2], *SERVE_FLAGS[:-1], "uvloop"], {}),
+    "service, plain httptools": (["--http", "httptools"], {}),
+    "service, uvloop": (["--loop", "uvloop"], {}),
     # Reaches PostgreSQL through PgBouncer in transaction mode (started for the run), as
     # tests/test_pgbouncer.py runs it.
     PGBOUNCER: (SERVICE, {"DB_PGBOUNCER": "true"}),
@@ -152,10 +153,15 @@ class App:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         arguments, app_env = {**APPS, **VARIANTS}[name]
-        command = [sys.executable, "-m", "uvicorn", *arguments, "--port", str(self.port), "--workers", str(workers)]
-        if "--loop" not in arguments:
-            command += ["--loop", "uvloop"]
-        full_env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": SECRET, **env, **app_env}
+        if name.startswith("service"):
+            command = [sys.executable, "server.py", *arguments]
+        else:
+            command = [sys.executable, "-m", "uvicorn", *arguments, "--port", str(self.port), "--loop", "uvloop"]
+        full_env = {
+            **os.environ,
+            **{"DATABASE_URL": database_url, "SECRET_KEY": SECRET, "PORT": str(self.port)},
+            **{"WEB_CONCURRENCY": str(workers), **env, **app_env},
+        }
         # Its log lines go to a file, as a container runtime takes them from a pipe: written, not shown.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(command, cwd=PROJECT, env=full_env, stdout=self.log, stderr=self.log)

@@ -22,7 +22,7 @@ from asgi_lifespan import LifespanManager
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import create_app
-from db import upgrade_schema
+from migrate import upgrade_schema
 from settings import Settings
 
 CASES = {

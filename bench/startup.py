@@ -27,7 +27,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 from app import create_app  # noqa: E402
-from db import upgrade_schema  # noqa: E402
+from migrate import upgrade_schema  # noqa: E402
 from settings import Settings  # noqa: E402
 
 

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import app
-from db import transaction
+from db import database, transaction
 from settings import Settings
 from stores import UserStore
 
@@ -25,7 +25,7 @@ async def write_through_the_request_session(request: Request) -> Response:
 
 
 async def write_through_its_own_session(request: Request) -> Response:
-    sessionmaker = request.state.write_sessionmaker
+    sessionmaker = database(request).writes
 
     async def later() -> None:
         async with transaction(sessionmaker) as session:

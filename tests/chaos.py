@@ -27,10 +27,7 @@ import httpx
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SUMMARY: list[dict[str, Any]] = []  # one row a scenario, printed at the end of the run (conftest)
-# What scripts/serve and the image give uvicorn (tests/test_deploy.py keeps them the same).
-SERVE_FLAGS = [
-    "--http", "limits:BoundedHttpToolsProtocol", "--no-server-header", "--no-access-log", "--loop", "asyncio",
-]  # fmt: skip
+APP = "app:create_app"
 
 # Short bounds, so that every wait in these scenarios is visibly bounded.
 TIMEOUTS = {"DB_POOL_TIMEOUT": "2", "DB_CONNECT_TIMEOUT": "2", "DB_COMMAND_TIMEOUT": "3"}
@@ -216,16 +213,23 @@ class TcpProxy:
         self._loop.close()
 
 
-class Service:
-    """The service as a real uvicorn process on a free loopback port (what scripts/serve execs)."""
+class ServiceProcess:
+    """The service as a real uvicorn process on a free loopback port, started as scripts/serve
+    starts it (server.py); `app` another factory, from tests/."""
 
-    def __init__(self, database_url: str, log_path: Path, app: str = "app:create_app", **settings: str) -> None:
+    def __init__(self, database_url: str, log_path: Path, app: str = APP, **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "faults-" + "k" * 40, **settings}
-        command = [sys.executable, "-m", "uvicorn", app, "--factory", *SERVE_FLAGS, "--port", str(self.port)]
-        command += ["--app-dir", str(PROJECT_DIR / "tests")] if not app.startswith("app:") else []
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "SECRET_KEY": "faults-" + "k" * 40,
+            "PORT": str(self.port),
+            **settings,
+        }
+        command = [sys.executable, "server.py", app]
+        command += ["--app-dir", str(PROJECT_DIR / "tests")] if app != APP else []
         self._log = log_path.open("w")
         self.process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15

@@ -8,7 +8,6 @@ any database there whose user may CREATE DATABASE.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -28,41 +27,25 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-import chaos
-import ha
 from app import create_app
-from chaos import TIMEOUTS, Cluster, Service, free_port, postgres_bindir
-from db import async_url, make_engine, upgrade_schema
+from chaos import free_port
+from db import Database, database
+from engine import async_url, make_engine
+from migrate import upgrade_schema
 from settings import Settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
 
+pytest_plugins = ["clusters"]  # the fault, failover and pooler suites' fixtures (tests/clusters.py)
+
 if not POSTGRES_URL and os.environ.get("CI") == "true":
     raise pytest.UsageError("TEST_DATABASE_URL is not set: in CI, PostgreSQL must be tested (use scripts/test).")
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    write_table(terminalreporter, "the promise under faults", chaos.SUMMARY)
-    write_table(terminalreporter, "the promise across failovers", ha.HA_SUMMARY, ha.FIGURES)
-
-
-def write_table(
-    reporter: pytest.TerminalReporter, title: str, rows: list[dict[str, Any]], notes: list[str] | None = None
-) -> None:
-    if not rows and not notes:
-        return
-    reporter.section(title)
-    if rows:
-        columns = list(rows[0])
-        widths = [max(len(str(column)), *(len(str(row[column])) for row in rows)) for column in columns]
-        reporter.write_line("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
-        for row in rows:
-            reporter.write_line("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for note in notes or []:
-        reporter.write_line(note)
 
 
 def pytest_report_header() -> str:
@@ -131,7 +114,17 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings) -> Starlette:
-    return create_app(settings)
+    app = create_app(settings)
+    app.router.routes.insert(0, Route(DATABASE_PROBE, database_probe, methods=["GET"], include_in_schema=False))
+    return app
+
+
+DATABASE_PROBE = "/test/database"
+
+
+async def database_probe(request: Request) -> Response:
+    request.app.state.database = database(request)
+    return Response(status_code=200)
 
 
 @pytest.fixture
@@ -141,11 +134,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[LifespanManager]:
 
 
 @pytest.fixture
-def engine(lifespan: LifespanManager) -> AsyncEngine:
+async def engine(app: Starlette, client: httpx.AsyncClient) -> AsyncEngine:
     """The engine the running app made in its lifespan."""
-    state: dict[str, Any] = lifespan._state
-    engine: AsyncEngine = state["engine"]
-    return engine
+    return (await app_database(app, client)).engine
+
+
+async def app_database(app: Starlette, client: httpx.AsyncClient) -> Database:
+    """The running app's Database, as its routes see it: a test-only route hands it over."""
+    assert (await client.get(DATABASE_PROBE)).status_code == 200
+    found: Database = app.state.database
+    return found
 
 
 @pytest.fixture
@@ -157,11 +155,11 @@ async def client(lifespan: LifespanManager) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def db(database_url: str) -> Database:
-    return Database(database_url)
+def db(database_url: str) -> DirectDatabase:
+    return DirectDatabase(database_url)
 
 
-class Database:
+class DirectDatabase:
     """Looks at the test database directly, outside the app and its pool."""
 
     def __init__(self, url: str) -> None:
@@ -194,49 +192,57 @@ class Database:
         return await self.column("SELECT username FROM users ORDER BY id")
 
 
+@pytest.fixture(params=BACKENDS)
+def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: nothing migrated."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    name = f"users_empty_{uuid.uuid4().hex[:12]}"
+    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
+    yield postgres_dsn(name)
+    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+# --- helpers for the tests: a user, signed in -------------------------------------------------
+
+PASSWORD = "Kiwi-Tango-57"
+
+
 def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
-    return {"username": username, "password": "Kiwi-Tango-57", "email": f"{username}@example.com", **overrides}
+    return {"username": username, "password": PASSWORD, "email": f"{username}@example.com", **overrides}
 
 
-# --- for the fault and failover suites: a cluster of their own, the service as processes ------
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    bindir = postgres_bindir()
-    if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the fault and failover suites need PostgreSQL server binaries (PG_BINDIR)")
-        pytest.skip("no PostgreSQL server binaries: these tests need a cluster they can restart")
-    cluster = Cluster(bindir)
-    cluster.start()
-    yield cluster
-    cluster.destroy()
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture
-def database(cluster: Cluster) -> Iterator[str]:
-    name = f"faults_{uuid.uuid4().hex[:10]}"
-    in_thread(asyncio.run, cluster.sql(f"CREATE DATABASE {name}"))
-    in_thread(upgrade_schema, cluster.url(name))
-    yield name
-    with contextlib.suppress(Exception):
-        in_thread(asyncio.run, cluster.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+async def sign_in(client: httpx.AsyncClient, username: str = "alice", password: str = PASSWORD) -> dict[str, str]:
+    response = await client.post("/api/users/signin", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    tokens: dict[str, str] = response.json()
+    return tokens
 
 
-@pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    services: list[Service] = []
+def assert_401(response: httpx.Response, detail: str) -> None:
+    assert response.status_code == 401
+    assert response.json() == {"detail": detail}
+    assert response.headers["www-authenticate"].startswith("Bearer")
 
-    def start(database_url: str, **settings: str) -> Service:
-        service = Service(database_url, tmp_path / f"service{len(services)}.log", **{**TIMEOUTS, **settings})
-        services.append(service)
-        return service
 
-    yield start
-    for service in services:
-        service.stop()
-        log = service.log()
-        assert "non-checked-in connection" not in log, log[-3000:]
-        assert "was garbage collected" not in log, log[-3000:]
+def field_errors(response: httpx.Response) -> list[str]:
+    """The fields a 400 names."""
+    assert response.status_code == 400, response.text
+    return [error["field"] for error in response.json()["errors"]]
+
+
+async def sign_up_and_in(
+    client: httpx.AsyncClient, username: str = "alice", password: str = PASSWORD
+) -> dict[str, str]:
+    """A new user, signed in: the token pair."""
+    response = await client.post("/api/users/signup", json=signup_body(username, password=password))
+    assert response.status_code == 201, response.text
+    return await sign_in(client, username, password)
 
 
 # --- the subprocess fixture of docs/testing.md (kept verbatim there; a test checks) ----------

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import logging
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,12 +13,9 @@ import jwt
 import pytest
 from argon2 import PasswordHasher
 from asgi_lifespan import LifespanManager
-from starlette.exceptions import HTTPException
 
 from app import create_app
-from auth import Tokens, key_id, make_tokens
-from chaos import Service
-from conftest import Database, signup_body
+from conftest import DirectDatabase, assert_401, bearer, sign_up_and_in, signup_body
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -36,24 +27,6 @@ PASSWORD = "Kiwi-Tango-57"
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     return Settings(database_url=database_url, secret_key=SECRET)
-
-
-async def sign_up_and_in(client: httpx.AsyncClient, username: str = "alice") -> dict[str, str]:
-    assert (await client.post("/api/users/signup", json=signup_body(username))).status_code == 201
-    response = await client.post("/api/users/signin", json={"username": username, "password": "Kiwi-Tango-57"})
-    assert response.status_code == 200
-    tokens: dict[str, str] = response.json()
-    return tokens
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def assert_401(response: httpx.Response, detail: str) -> None:
-    assert response.status_code == 401
-    assert response.json() == {"detail": detail}
-    assert response.headers["www-authenticate"].startswith("Bearer")
 
 
 async def test_signin_answers_a_signed_token_pair(client: httpx.AsyncClient) -> None:
@@ -90,7 +63,7 @@ async def test_signin_with_a_malformed_body_is_400(client: httpx.AsyncClient, bo
     assert (await client.post("/api/users/signin", json=body)).status_code == 400
 
 
-async def test_signin_upgrades_a_hash_made_with_older_parameters(client: httpx.AsyncClient, db: Database) -> None:
+async def test_signin_upgrades_a_hash_made_with_older_parameters(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     await client.post("/api/users/signup", json=signup_body("alice"))
     old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-57")
     await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
@@ -165,7 +138,7 @@ async def test_an_expired_access_token_is_refused(settings: Settings) -> None:
 
 
 async def test_refresh_rotates_and_a_reused_token_ends_the_whole_family(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     first = await sign_up_and_in(client)
 
@@ -223,7 +196,7 @@ async def test_signout_ends_the_family_and_its_access_tokens_at_once(client: htt
 
 
 async def test_families_past_their_last_token_are_purged_by_the_next_signin(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     await sign_up_and_in(client)
     await db.execute("UPDATE token_families SET expires_at = :past", {"past": datetime(2000, 1, 1, tzinfo=UTC)})
@@ -298,7 +271,7 @@ async def test_address_limit_is_inclusive(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
 
 
-async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient, db: Database) -> None:
+async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     tokens = await sign_up_and_in(client)
     other = (await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})).json()
     body = {"old_password": PASSWORD, "new_password": "Better-Plum-88"}
@@ -340,7 +313,7 @@ async def test_a_refused_password_change_changes_nothing(
 
 
 async def test_deleting_the_account_ends_its_tokens_and_frees_the_username(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     tokens = await sign_up_and_in(client)
     old_id = (await client.get("/api/users/alice")).json()["id"]
@@ -393,127 +366,3 @@ def test_a_short_secret_key_is_refused() -> None:
 def test_without_a_secret_key_several_workers_refuse_to_start() -> None:
     with pytest.raises(RuntimeError, match="SECRET_KEY is not set and WEB_CONCURRENCY > 1"):
         create_app(Settings(secret_key=None, web_concurrency=2))
-
-
-# --- key rotation -----------------------------------------------------------------------------
-
-OLD_KEY, NEW_KEY = "the-old-key-" + "o" * 32, "the-new-key-" + "n" * 32
-
-
-def test_tokens_name_their_key_by_a_fingerprint_not_the_key() -> None:
-    tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,)).issue(1, 0, "f" * 32, 0)
-    for token in (tokens["access_token"], tokens["refresh_token"]):
-        header = jwt.get_unverified_header(token)
-        assert header["kid"] == key_id(NEW_KEY) != key_id(OLD_KEY)
-        assert len(header["kid"]) == 16
-        assert NEW_KEY not in token
-        assert header["kid"] not in NEW_KEY
-
-
-@pytest.mark.parametrize(
-    ("signed_with", "kid", "accepted"),
-    [
-        (NEW_KEY, "new", True),
-        (OLD_KEY, "old", True),  # a fallback: tokens from before the rotation still work
-        (OLD_KEY, None, True),  # no kid (issued before keys had ids): each key is tried
-        (NEW_KEY, "old", False),  # the kid names one key, the signature is another's
-        ("a-key-in-neither-setting-" + "x" * 32, None, False),
-        ("a-key-in-neither-setting-" + "x" * 32, "unknown", False),
-        (NEW_KEY, ["not", "a", "string"], False),
-    ],
-)
-def test_a_token_is_checked_with_the_key_its_kid_names(signed_with: str, kid: Any, accepted: bool) -> None:
-    tokens = Tokens(NEW_KEY, 60, 60, (OLD_KEY,))
-    kids = {"new": key_id(NEW_KEY), "old": key_id(OLD_KEY)}
-    claims = {"sub": "1", "typ": "access", "jti": "x", "fam": "f", "iat": 0, "exp": 9e9, "ver": 0}
-    header = {"alg": "HS256", "typ": "JWT"} | (
-        {} if kid is None else {"kid": kids.get(kid, kid) if isinstance(kid, str) else kid}
-    )
-    token = signed(header, claims, signed_with)
-    if accepted:
-        assert tokens.check(token, "access").user_id == 1
-    else:
-        with pytest.raises(HTTPException) as refused:
-            tokens.check(token, "access")
-        assert (refused.value.status_code, refused.value.detail) == (401, "Token is invalid")
-
-
-def signed(header: dict[str, Any], claims: dict[str, Any], key: str) -> str:
-    """A JWT made by hand, so that its header can hold what PyJWT would refuse to write."""
-
-    def part(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    signing_input = f"{part(json.dumps(header).encode())}.{part(json.dumps(claims).encode())}"
-    signature = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{part(signature)}"
-
-
-def test_a_short_fallback_key_is_refused() -> None:
-    with pytest.raises(RuntimeError, match="SECRET_KEY_FALLBACKS must be at least 32 bytes"):
-        create_app(Settings(secret_key=NEW_KEY, secret_key_fallbacks=("short",)))
-
-
-@pytest.mark.e2e
-async def test_rotating_the_key_across_restarts_signs_nobody_out_until_the_fallback_is_dropped(
-    database_url: str, tmp_path: Path
-) -> None:
-    def start(**settings: str) -> Service:
-        return Service(database_url, tmp_path / "service.log", **settings)
-
-    service = start(SECRET_KEY=OLD_KEY)
-    async with httpx.AsyncClient(base_url=service.url) as client:
-        before = await sign_up_and_in(client)
-    service.stop()
-
-    service = start(SECRET_KEY=NEW_KEY, SECRET_KEY_FALLBACKS=f"{OLD_KEY}, ")  # put the old key aside, restart
-    async with httpx.AsyncClient(base_url=service.url) as client:
-        assert (await client.get("/api/users/me", headers=bearer(before["access_token"]))).status_code == 200
-        refreshed = await client.post("/api/users/refresh", headers=bearer(before["refresh_token"]))
-        assert refreshed.status_code == 200
-        after = refreshed.json()
-        assert jwt.get_unverified_header(after["access_token"])["kid"] == key_id(NEW_KEY)
-    service.stop()
-
-    service = start(SECRET_KEY=NEW_KEY)  # REFRESH_TOKEN_TTL later: the fallback goes
-    try:
-        async with httpx.AsyncClient(base_url=service.url) as client:
-            assert_401(await client.get("/api/users/me", headers=bearer(before["access_token"])), "Token is invalid")
-            assert (await client.get("/api/users/me", headers=bearer(after["access_token"]))).status_code == 200
-    finally:
-        service.stop()
-
-
-@pytest.mark.parametrize(
-    ("claims", "detail"),
-    [
-        ({"iat": 1}, None),  # minted by a replica whose clock runs a second ahead
-        ({"iat": 25, "nbf": 25}, None),
-        ({"exp": -10}, None),  # expired ten seconds ago by this clock: within the leeway
-        ({"iat": 120}, "Token is invalid"),  # two minutes ahead: not a clock's drift
-        ({"nbf": 120}, "Token is invalid"),
-        ({"exp": -60}, "Token has expired"),
-    ],
-)
-def test_token_times_allow_a_leeway_for_clocks_that_differ(claims: dict[str, int], detail: str | None) -> None:
-    now = int(time.time())
-    tokens = Tokens(NEW_KEY, 60, 60, leeway=30)
-    times = {"iat": now, "exp": now + 60} | {name: now + offset for name, offset in claims.items()}
-    token = jwt.encode(
-        {"sub": "1", "typ": "access", "jti": "x", "fam": "f", "ver": 0, **times},
-        NEW_KEY,
-        headers={"kid": key_id(NEW_KEY)},
-    )
-    if detail is None:
-        assert tokens.check(token, "access").user_id == 1
-    else:
-        with pytest.raises(HTTPException) as refused:
-            tokens.check(token, "access")
-        assert refused.value.detail == detail
-
-
-def test_the_leeway_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKEN_LEEWAY", "5")
-    settings = Settings.from_environ()
-    assert settings.token_leeway == 5
-    assert make_tokens(replace(settings, secret_key=NEW_KEY)).leeway == 5

@@ -11,7 +11,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import Message
 
-from conftest import Database, signup_body
+from conftest import DirectDatabase, signup_body
 
 pytestmark = pytest.mark.anyio
 
@@ -90,7 +90,7 @@ async def signed_in(client: httpx.AsyncClient) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['access_token']}"}
 
 
-async def snapshot(db: Database) -> list[Any]:
+async def snapshot(db: DirectDatabase) -> list[Any]:
     users = await db.rows("SELECT id, username, email, password_hash, address, phone_number, token_version FROM users")
     families = await db.rows("SELECT id, generation FROM token_families")
     counted = await db.rows("SELECT kind, address, username, failures FROM signin_failures")
@@ -109,7 +109,7 @@ def assert_error_shape(response: httpx.Response) -> None:
 
 @pytest.mark.parametrize(("path", "what", "body"), CASES, ids=[f"{p} {w}" for p, w, _ in CASES])
 async def test_a_bad_body_is_a_clear_400_and_writes_nothing(
-    client: httpx.AsyncClient, db: Database, signed_in: dict[str, str], path: str, what: str, body: bytes
+    client: httpx.AsyncClient, db: DirectDatabase, signed_in: dict[str, str], path: str, what: str, body: bytes
 ) -> None:
     before = await snapshot(db)
     headers = {"content-type": "application/json", **signed_in}
@@ -127,6 +127,7 @@ async def test_a_bad_body_is_a_clear_400_and_writes_nothing(
     [
         (None, None, 415),
         ("text/plain", None, 415),
+        ("application/jsonx", None, 415),
         ("application/x-www-form-urlencoded", b"username=alice&password=x", 415),
         ("multipart/form-data; boundary=x", b"--x--", 415),
         ("application/json", json.dumps({"padding": "x" * 70_000}).encode(), 413),
@@ -134,7 +135,7 @@ async def test_a_bad_body_is_a_clear_400_and_writes_nothing(
 )
 async def test_a_wrong_content_type_or_an_oversized_body_writes_nothing(
     client: httpx.AsyncClient,
-    db: Database,
+    db: DirectDatabase,
     signed_in: dict[str, str],
     path: str,
     content_type: str | None,
@@ -148,31 +149,12 @@ async def test_a_wrong_content_type_or_an_oversized_body_writes_nothing(
     response = await client.request(METHOD[path], path, content=body, headers=headers)
 
     assert response.status_code == status
-    assert_error_shape(response)
+    assert response.json() == {
+        "detail": "Content-Type must be application/json."
+        if status == 415
+        else "Request body is larger than 65536 bytes."
+    }
     assert await snapshot(db) == before
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        "limit=1000000000000000000000",
-        "limit=-1",
-        "limit=1.5",
-        "limit=1e3",
-        "limit=%00",
-        "after=" + "%27%3B%20DROP%20TABLE%20users%3B%20--",
-        "after=%C3%A9mile",
-        "after=%FF",
-        "after=",
-        "after=a&limit=5",
-        "sort=username",
-    ],
-)
-async def test_a_bad_list_query_is_a_clear_400(client: httpx.AsyncClient, db: Database, query: str) -> None:
-    response = await client.get(f"/api/users?{query}")
-    assert response.status_code == 400
-    assert_error_shape(response)
-    assert response.json()["errors"]
 
 
 # --- strings the database cannot hold -----------------------------------------------------------
@@ -202,7 +184,13 @@ UNSTORABLE_BODIES = [
     ("path", "field", "what", "content"), UNSTORABLE_BODIES, ids=[f"{p} {f} {w}" for p, f, w, _ in UNSTORABLE_BODIES]
 )
 async def test_a_string_the_database_cannot_hold_in_a_body_is_400_with_a_field_error_or_invalid_json(
-    client: httpx.AsyncClient, db: Database, signed_in: dict[str, str], path: str, field: str, what: str, content: bytes
+    client: httpx.AsyncClient,
+    db: DirectDatabase,
+    signed_in: dict[str, str],
+    path: str,
+    field: str,
+    what: str,
+    content: bytes,
 ) -> None:
     before = await snapshot(db)
     headers = {"content-type": "application/json", **signed_in}
@@ -220,7 +208,7 @@ async def test_a_string_the_database_cannot_hold_in_a_body_is_400_with_a_field_e
 
 @pytest.mark.parametrize("password_field", ["signin", "old_password"])
 async def test_a_password_with_a_nul_is_only_ever_hashed_so_it_is_a_wrong_password(
-    client: httpx.AsyncClient, db: Database, signed_in: dict[str, str], password_field: str
+    client: httpx.AsyncClient, db: DirectDatabase, signed_in: dict[str, str], password_field: str
 ) -> None:
     # Passwords are never stored, only hashed, so a NUL in one is just a wrong password.
     if password_field == "signin":
@@ -247,7 +235,7 @@ async def test_a_password_with_a_nul_is_only_ever_hashed_so_it_is_a_wrong_passwo
     ],
 )
 async def test_a_string_the_database_cannot_hold_in_the_path_or_query_is_404_or_400(
-    client: httpx.AsyncClient, db: Database, path: str
+    client: httpx.AsyncClient, db: DirectDatabase, path: str
 ) -> None:
     before = await snapshot(db)
     response = await client.get(path)
@@ -267,7 +255,7 @@ async def test_a_string_the_database_cannot_hold_in_the_path_or_query_is_404_or_
 )
 @pytest.mark.parametrize("token", ["a\x00b", "\udcff\udcfe", "x" * 10_000, "e30.e30.\x00"])
 async def test_a_bearer_token_the_database_cannot_hold_is_401(
-    lifespan: LifespanManager, db: Database, method: str, path: str, token: str
+    lifespan: LifespanManager, db: DirectDatabase, method: str, path: str, token: str
 ) -> None:
     # In-process, so that header bytes no HTTP parser would let through still reach the app.
     before = await snapshot(db)
@@ -292,7 +280,7 @@ async def test_a_bearer_token_the_database_cannot_hold_is_401(
 
 
 async def test_a_body_with_thousands_of_unknown_fields_lists_at_most_20(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     body = {**signup_body("alice"), **{f"x{i}": 0 for i in range(4000)}}  # 4,000 unknown keys, under 64 KiB
     response = await client.post("/api/users/signup", json=body)

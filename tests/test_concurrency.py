@@ -1,17 +1,13 @@
 """The session contract under concurrency and slow clients, on SQLite and PostgreSQL, through real
 HTTP where it matters: nothing is held while a request waits on its client or on a hash; racing
-writes cannot lose an update or answer 500; a write after the response is refused loudly; a
-database without the schema is reported as such; emails are unique the same way on both."""
+writes cannot lose an update or answer 500; a write after the response is refused loudly."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import anyio
@@ -20,57 +16,24 @@ import pytest
 from argon2 import PasswordHasher
 from asgi_lifespan import LifespanManager
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-import auth
 import background_app
-from app import create_app
-from chaos import Service
-from conftest import POSTGRES_URL, Database, in_thread, postgres_admin, postgres_dsn, signup_body
-from db import SchemaRevisions, upgrade_schema
-from models import EMAIL_KEY_LENGTH, email_key
+import passwords
+from clusters import StartService
+from conftest import DirectDatabase, bearer, sign_in, sign_up_and_in, signup_body
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 ROUNDS = 20  # rounds of each race
-HEAD = SchemaRevisions.from_migrations().head
 # These tests make many wrong guesses on purpose; the throttle has tests of its own.
 NO_THROTTLE = {"SIGNIN_FAILURE_LIMIT": "0", "SIGNIN_ADDRESS_FAILURE_LIMIT": "0"}
 
 
-@pytest.fixture
-def start_service(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    services: list[Service] = []
-
-    def start(app: str = "app:create_app", **settings: str) -> Service:
-        service = Service(database_url, tmp_path / f"service{len(services)}.log", app, **settings)
-        services.append(service)
-        return service
-
-    yield start
-    for service in services:
-        service.stop()
-
-
-async def sign_up_and_in(client: httpx.AsyncClient, username: str, password: str = "Kiwi-Tango-57") -> str:
-    assert (await client.post("/api/users/signup", json=signup_body(username, password=password))).status_code == 201
-    return await sign_in(client, username, password)
-
-
-async def sign_in(client: httpx.AsyncClient, username: str, password: str) -> str:
-    response = await client.post("/api/users/signin", json={"username": username, "password": password})
-    assert response.status_code == 200, response.text
-    access: str = response.json()["access_token"]
-    return access
-
-
 async def signin_status(client: httpx.AsyncClient, username: str, password: str) -> int:
     return (await client.post("/api/users/signin", json={"username": username, "password": password})).status_code
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def sqlite_path(database_url: str) -> str:
@@ -90,7 +53,7 @@ def write_lock_is_free(path: str) -> bool:
         connection.close()
 
 
-async def held_by_the_service(db: Database) -> list[str]:
+async def held_by_the_service(db: DirectDatabase) -> list[str]:
     """What the service holds in the database right now: its PostgreSQL sessions that are inside a
     transaction, or SQLite's write lock."""
     if db.backend == "sqlite":
@@ -118,12 +81,12 @@ async def send_headers_and_part_of_the_body(
 
 
 async def test_a_slow_body_holds_nothing_and_gets_408_after_body_timeout(
-    start_service: Callable[..., Service], db: Database
+    database_url: str, start_service: StartService, db: DirectDatabase
 ) -> None:
     # A pool of 2 and 3 slow clients: if a slow body held a connection, lookups would wait for one.
-    service = start_service(BODY_TIMEOUT="3", DB_POOL_SIZE="2", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="1")
+    service = start_service(database_url, BODY_TIMEOUT="3", DB_POOL_SIZE="2", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="1")
     async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
-        token = await sign_up_and_in(client, "alice")
+        token = (await sign_up_and_in(client, "alice"))["access_token"]
         patch = json.dumps({"address": "Seoul"}).encode()
         password = json.dumps({"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}).encode()
         slow = [
@@ -171,28 +134,24 @@ class ProbingHasher(PasswordHasher):
 
 
 async def test_no_connection_lock_or_transaction_is_held_while_a_password_is_hashed(
-    settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, engine: AsyncEngine, db: DirectDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        pool = manager._state["engine"].sync_engine.pool
-        seen: list[tuple[str, int, bool]] = []
+    pool = engine.sync_engine.pool
+    seen: list[tuple[str, int, bool]] = []
 
-        def probe(what: str) -> None:
-            lock_free = db.backend != "sqlite" or write_lock_is_free(sqlite_path(db.url))
-            seen.append((what, pool.checkedout(), lock_free))
+    def probe(what: str) -> None:
+        lock_free = db.backend != "sqlite" or write_lock_is_free(sqlite_path(db.url))
+        seen.append((what, pool.checkedout(), lock_free))  # type: ignore[attr-defined]
 
-        monkeypatch.setattr(auth, "hasher", ProbingHasher(probe))
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            token = await sign_up_and_in(client, "alice")  # a hash, a verification
-            assert await signin_status(client, "alice", "Wrong123!") == 401
-            assert await signin_status(client, "nobody", "Kiwi-Tango-57") == 401  # against a dummy hash
-            old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-57")
-            await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
-            token = await sign_in(client, "alice", "Kiwi-Tango-57")  # verify, then upgrade the hash
-            body = {"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}
-            assert (await client.put("/api/users/me/password", json=body, headers=bearer(token))).status_code == 204
+    monkeypatch.setattr(passwords, "hasher", ProbingHasher(probe))
+    token = (await sign_up_and_in(client, "alice"))["access_token"]  # a hash, a verification
+    assert await signin_status(client, "alice", "Wrong123!") == 401
+    assert await signin_status(client, "nobody", "Kiwi-Tango-57") == 401  # against a dummy hash
+    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-57")
+    await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
+    token = (await sign_in(client, "alice", "Kiwi-Tango-57"))["access_token"]  # verify, then upgrade the hash
+    body = {"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}
+    assert (await client.put("/api/users/me/password", json=body, headers=bearer(token))).status_code == 204
 
     kinds = [what for what, _, _ in seen]
     assert kinds.count("hash") >= 3, kinds  # signup, the upgrade, the new password (and the dummy, once)
@@ -202,10 +161,10 @@ async def test_no_connection_lock_or_transaction_is_held_while_a_password_is_has
     ] == []
 
 
-async def test_a_signin_flood_does_not_starve_the_pool(start_service: Callable[..., Service]) -> None:
+async def test_a_signin_flood_does_not_starve_the_pool(database_url: str, start_service: StartService) -> None:
     # One connection for everything. If signins held it while hashing, 60 of them in a row would
     # hold it for over a second, and every other request would wait past the pool timeout.
-    service = start_service(DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="1", **NO_THROTTLE)
+    service = start_service(database_url, DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="1", **NO_THROTTLE)
     limits = httpx.Limits(max_connections=80)
     async with httpx.AsyncClient(base_url=service.url, timeout=30, limits=limits) as client:
         await sign_up_and_in(client, "alice")
@@ -228,9 +187,9 @@ async def change_password(client: httpx.AsyncClient, token: str, old: str, new: 
 
 
 @pytest.fixture
-async def clients(start_service: Callable[..., Service]) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
+async def clients(database_url: str, start_service: StartService) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
     """Two clients on their own connections to a real uvicorn, so that their requests overlap."""
-    service = start_service(**NO_THROTTLE)
+    service = start_service(database_url, **NO_THROTTLE)
     async with (
         httpx.AsyncClient(base_url=service.url, timeout=30) as first,
         httpx.AsyncClient(base_url=service.url, timeout=30) as second,
@@ -239,12 +198,12 @@ async def clients(start_service: Callable[..., Service]) -> AsyncIterator[tuple[
 
 
 async def test_two_racing_password_changes_one_wins_and_only_its_password_works(
-    clients: tuple[httpx.AsyncClient, ...], db: Database
+    clients: tuple[httpx.AsyncClient, ...], db: DirectDatabase
 ) -> None:
     first, second = clients
     for round in range(ROUNDS):
         name = f"race{round:02d}"
-        token = await sign_up_and_in(first, name)
+        token = (await sign_up_and_in(first, name))["access_token"]
         passwords = (f"First{round:02d}!", f"Second{round:02d}?")
 
         statuses = await asyncio.gather(
@@ -262,14 +221,14 @@ async def test_two_racing_password_changes_one_wins_and_only_its_password_works(
 
 
 async def test_a_signin_that_upgrades_the_hash_cannot_undo_a_racing_password_change(
-    clients: tuple[httpx.AsyncClient, ...], db: Database
+    clients: tuple[httpx.AsyncClient, ...], db: DirectDatabase
 ) -> None:
     first, second = clients
     old_parameters = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1)
     signins = []
     for round in range(ROUNDS):
         name = f"rehash{round:02d}"
-        token = await sign_up_and_in(first, name)
+        token = (await sign_up_and_in(first, name))["access_token"]
         await db.execute(
             "UPDATE users SET password_hash = :hash WHERE username = :name",
             {"hash": old_parameters.hash("Kiwi-Tango-57"), "name": name},
@@ -289,12 +248,12 @@ async def test_a_signin_that_upgrades_the_hash_cannot_undo_a_racing_password_cha
 
 
 async def test_a_password_change_racing_deletion_never_answers_500(
-    clients: tuple[httpx.AsyncClient, ...], db: Database
+    clients: tuple[httpx.AsyncClient, ...], db: DirectDatabase
 ) -> None:
     first, second = clients
     for round in range(ROUNDS):
         name = f"gone{round:02d}"
-        token = await sign_up_and_in(first, name)
+        token = (await sign_up_and_in(first, name))["access_token"]
         new = f"Better{round:02d}?"
 
         change, deletion = await asyncio.gather(
@@ -312,12 +271,12 @@ async def test_a_password_change_racing_deletion_never_answers_500(
 
 
 async def test_a_profile_update_racing_deletion_never_answers_500(
-    clients: tuple[httpx.AsyncClient, ...], db: Database
+    clients: tuple[httpx.AsyncClient, ...], db: DirectDatabase
 ) -> None:
     first, second = clients
     for round in range(ROUNDS):
         name = f"upd{round:02d}"
-        token = await sign_up_and_in(first, name)
+        token = (await sign_up_and_in(first, name))["access_token"]
 
         update, deletion = await asyncio.gather(
             first.patch("/api/users/me", json={"address": "Seoul"}, headers=bearer(token)),
@@ -333,7 +292,7 @@ async def test_a_profile_update_racing_deletion_never_answers_500(
 
 
 async def test_a_write_through_the_request_session_after_the_response_is_refused_loudly(
-    settings: Settings, db: Database
+    settings: Settings, db: DirectDatabase
 ) -> None:
     async with LifespanManager(background_app.create_app(settings)) as manager:
         transport = httpx.ASGITransport(app=manager.app)  # app exceptions reach the "server": this test
@@ -344,9 +303,9 @@ async def test_a_write_through_the_request_session_after_the_response_is_refused
 
 
 async def test_over_real_http_the_refused_late_write_is_logged_and_writes_nothing(
-    start_service: Callable[..., Service], db: Database
+    database_url: str, start_service: StartService, db: DirectDatabase
 ) -> None:
-    service = start_service("background_app:create_app")
+    service = start_service(database_url, "background_app:create_app")
     async with httpx.AsyncClient(base_url=service.url) as client:
         response = await client.post("/test/late-write/request-session")
         assert response.status_code == 201  # sent before the background task ran
@@ -360,9 +319,9 @@ async def test_over_real_http_the_refused_late_write_is_logged_and_writes_nothin
 
 
 async def test_background_work_in_a_session_of_its_own_commits(
-    start_service: Callable[..., Service], db: Database
+    database_url: str, start_service: StartService, db: DirectDatabase
 ) -> None:
-    service = start_service("background_app:create_app")
+    service = start_service(database_url, "background_app:create_app")
     async with httpx.AsyncClient(base_url=service.url) as client:
         assert (await client.post("/test/late-write/own-session")).status_code == 201
         for _ in range(200):  # the task runs after the response: give it a moment
@@ -371,138 +330,3 @@ async def test_background_work_in_a_session_of_its_own_commits(
             await anyio.sleep(0.05)
     assert await db.usernames() == ["late"]
     assert "Traceback" not in service.log()
-
-
-# --- 5. a database without the schema ------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"])
-def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: nothing migrated."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-        return
-    name = f"users_empty_{uuid.uuid4().hex[:12]}"
-    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
-    yield postgres_dsn(name)
-    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def test_without_the_schema_readyz_says_so_and_routes_answer_500_not_503(unmigrated_url: str) -> None:
-    async with LifespanManager(create_app(Settings(database_url=unmigrated_url))) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            ready = await client.get("/readyz")
-            assert ready.status_code == 503
-            assert ready.json() == {
-                "detail": f"The database schema is at revision none, not {HEAD}: run the migrations."
-            }
-            for response in (
-                await client.get("/api/users/alice"),
-                await client.get("/api/users"),
-                await client.post("/api/users/signup", json=signup_body()),
-            ):
-                assert response.status_code == 500, response.text
-                assert "retry-after" not in response.headers
-
-            in_thread(upgrade_schema, unmigrated_url, "0002")
-            behind = await client.get("/readyz")
-            assert behind.status_code == 503
-            assert f"at revision 0002, not {HEAD}" in behind.json()["detail"]
-
-            in_thread(upgrade_schema, unmigrated_url)
-            assert (await client.get("/readyz")).json() == {"status": "ready", "revision": HEAD}
-            assert (await client.get("/api/users/alice")).status_code == 404
-
-
-# --- 6. emails: one notion of "the same address" on every backend --------------------------
-
-
-@pytest.mark.parametrize(
-    ("first", "second"),
-    [
-        ("ÉLISE@example.com", "élise@example.com"),
-        ("STRASSE@example.com", "straße@example.com"),
-        ("ALICE@example.com", "alice@EXAMPLE.com"),
-    ],
-)
-async def test_emails_that_differ_only_in_case_are_the_same_on_every_database(
-    client: httpx.AsyncClient, db: Database, first: str, second: str
-) -> None:
-    assert (await client.post("/api/users/signup", json=signup_body("one", email=first))).status_code == 201
-
-    response = await client.post("/api/users/signup", json=signup_body("two", email=second))
-
-    assert response.status_code == 409
-    assert response.json() == {"detail": "Email already exists"}
-    assert await db.usernames() == ["one"]
-    created = await client.post("/api/users/signup", json=signup_body("three", email="three@example.com"))
-    token = (await client.post("/api/users/signin", json={"username": "three", "password": "Kiwi-Tango-57"})).json()
-    body = {"email": second, "password": "Kiwi-Tango-57"}
-    update = await client.patch("/api/users/me", json=body, headers=bearer(token["access_token"]))
-    assert (created.status_code, update.status_code) == (201, 409)
-
-
-@pytest.fixture
-def url_at_0002(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A database migrated to 0002 only (before email_key)."""
-    if database_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        in_thread(upgrade_schema, url, "0002")
-        yield url
-        return
-    name = f"users_old_{uuid.uuid4().hex[:12]}"
-    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
-    in_thread(upgrade_schema, postgres_dsn(name), "0002")
-    yield postgres_dsn(name)
-    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def insert_users(db: Database, emails: list[str]) -> None:
-    for i, email in enumerate(emails):
-        await db.execute(
-            "INSERT INTO users (username, email, password_hash, created_at) VALUES (:name, :email, 'x', :now)",
-            {"name": f"old{i}", "email": email, "now": datetime(2026, 1, 1, tzinfo=UTC)},
-        )
-
-
-async def test_the_migration_gives_existing_rows_their_email_key(url_at_0002: str) -> None:
-    db = Database(url_at_0002)
-    await insert_users(db, ["Alice@Example.com", "ÉLISE@example.com", "bob@example.com"])
-    await db.execute("DELETE FROM users WHERE username = 'old2'")  # the highest id, deleted
-
-    in_thread(upgrade_schema, url_at_0002)
-
-    keys = await db.rows("SELECT username, email, email_key FROM users ORDER BY id")
-    assert [tuple(row) for row in keys] == [
-        ("old0", "Alice@Example.com", "alice@example.com"),
-        ("old1", "ÉLISE@example.com", "élise@example.com"),
-    ]
-    with pytest.raises(IntegrityError):  # every row has a key from now on
-        await insert_users(db, ["carol@example.com"])
-
-
-async def test_the_migration_stops_on_addresses_that_fold_to_the_same_key(tmp_path: Path) -> None:
-    # Only SQLite can hold such a pair at 0002: PostgreSQL's lower() already folds É to é.
-    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    in_thread(upgrade_schema, url, "0002")
-    db = Database(url)
-    await insert_users(db, ["ÉLISE@example.com", "élise@example.com", "x@example.com"])
-    rows_before = await db.rows("SELECT * FROM users ORDER BY id")
-
-    with pytest.raises(RuntimeError, match=r"élise@example.com: users 1, 2"):
-        in_thread(upgrade_schema, url)
-
-    # Nothing half done: still at 0002, the table as it was; once resolved, it migrates.
-    assert await db.scalar("SELECT version_num FROM alembic_version") == "0002"
-    assert await db.rows("SELECT * FROM users ORDER BY id") == rows_before
-    await db.execute("UPDATE users SET email = 'elise2@example.com' WHERE id = 2")
-    in_thread(upgrade_schema, url)
-    assert await db.scalar("SELECT version_num FROM alembic_version") == HEAD
-
-
-def test_email_keys_fold_case_the_unicode_way() -> None:
-    assert email_key("ÉLISE@Example.com") == email_key("élise@example.com") == "élise@example.com"
-    assert email_key("E\u0301LISE@example.com") == "élise@example.com"  # a decomposed É: the same key
-    assert email_key("STRASSE@example.com") == email_key("straße@example.com")
-    assert len(email_key("ß" * 64 + "@" + "a" * 189)) <= EMAIL_KEY_LENGTH  # folding can lengthen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 from typing import Any
 
@@ -12,9 +13,11 @@ import yaml
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from chaos import SERVE_FLAGS
+import server
+from chaos import ServiceProcess
 from conftest import PROJECT_DIR
-from limits import BoundedHttpToolsProtocol
+from protocol import HttpProtocol
+from settings import Settings
 
 
 def test_compose_runs_the_service_beside_postgresql_with_health_checks_and_a_volume() -> None:
@@ -41,15 +44,24 @@ def test_the_image_copies_every_module_the_app_imports() -> None:
 
 
 def test_the_service_is_served_the_same_way_everywhere() -> None:
-    """scripts/serve, the image and the tests' uvicorn get the same flags (the head limit, no banner)."""
-    for script in ("scripts/serve", "scripts/container-start"):
-        text = (PROJECT_DIR / script).read_text()
-        assert " ".join(SERVE_FLAGS) in text.replace("\\\n    ", ""), script
-        assert '--timeout-graceful-shutdown "${GRACEFUL_TIMEOUT:-20}"' in text, script
+    """scripts/serve, the image and the tests' processes all run server.py: one uvicorn command line."""
+    assert "exec .venv/bin/python server.py" in (PROJECT_DIR / "scripts/serve").read_text()
+    assert "exec python server.py" in (PROJECT_DIR / "scripts/container-start").read_text()
+    assert '"server.py"' in inspect.getsource(ServiceProcess)
+    command = server.command(Settings(host="0.0.0.0", port=9000, graceful_timeout=7), "--port", "9001")
+    assert command[3:5] == ["app:create_app", "--factory"]
+    assert "protocol:HttpProtocol" in command
+    assert {"--no-server-header", "--no-access-log", "--proxy-headers"} <= set(command)
+    joined = " ".join(command)
+    assert "--host 0.0.0.0 --port 9000 --timeout-graceful-shutdown 7" in joined
+    assert joined.endswith("--port 9001")  # given later, it wins
+    assert (
+        server.command(Settings(), "background_app:create_app", "--app-dir", "tests")[3] == "background_app:create_app"
+    )
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("protocol", "nodelay"), [(HttpToolsProtocol, 0), (BoundedHttpToolsProtocol, 1)])
+@pytest.mark.parametrize(("protocol", "nodelay"), [(HttpToolsProtocol, 0), (HttpProtocol, 1)])
 async def test_connections_accepted_on_a_handed_over_socket_send_without_delay(
     protocol: type[HttpToolsProtocol], nodelay: int
 ) -> None:
@@ -76,5 +88,9 @@ async def test_connections_accepted_on_a_handed_over_socket_send_without_delay(
         accepted = made[0].transport.get_extra_info("socket")
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == nodelay
         writer.close()
+        await writer.wait_closed()
     finally:
+        for protocol_made in made:  # the accepted side: server.close() leaves it open
+            protocol_made.transport.close()
         server.close()
+        await server.wait_closed()

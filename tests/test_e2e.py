@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chaos import Service, free_port
-from conftest import PROJECT_DIR, Database, signup_body
+from chaos import ServiceProcess, free_port
+from conftest import PROJECT_DIR, DirectDatabase, signup_body
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.anyio
-async def test_signup_then_lookup_over_real_http(service_url: str, db: Database) -> None:
+async def test_signup_then_lookup_over_real_http(service_url: str, db: DirectDatabase) -> None:
     async with httpx.AsyncClient(base_url=service_url) as client:
         created = await client.post("/api/users/signup", json=signup_body("alice"))
         assert created.status_code == 201
@@ -85,7 +85,7 @@ def test_the_readme_curl_walkthrough_works_verbatim(service_url: str) -> None:
 
 def test_a_failed_statement_logs_no_bound_parameter(tmp_path: Path) -> None:
     # No schema: the signup's INSERT fails, and uvicorn logs the error with its traceback.
-    service = Service(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path / "service.log")
+    service = ServiceProcess(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path / "service.log")
     try:
         body = signup_body("alice", email="secret.address@example.com")
         assert httpx.post(f"{service.url}/api/users/signup", json=body).status_code == 500

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from conftest import Database, signup_body
+from conftest import DirectDatabase, signup_body
 
 pytestmark = pytest.mark.anyio
 
@@ -27,20 +27,11 @@ SIGNUP = "/api/users/signup"
     ],
 )
 async def test_a_body_that_is_not_a_json_object_is_400(
-    client: httpx.AsyncClient, db: Database, content: bytes, detail: str
+    client: httpx.AsyncClient, db: DirectDatabase, content: bytes, detail: str
 ) -> None:
     response = await client.post(SIGNUP, content=content, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json() == {"detail": detail}
-    assert await db.usernames() == []
-
-
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"])
-async def test_a_wrong_content_type_is_415(client: httpx.AsyncClient, db: Database, content_type: str | None) -> None:
-    headers = {} if content_type is None else {"content-type": content_type}
-    response = await client.post(SIGNUP, content=json.dumps(signup_body()), headers=headers)
-    assert response.status_code == 415
-    assert response.json() == {"detail": "Content-Type must be application/json."}
     assert await db.usernames() == []
 
 
@@ -50,15 +41,9 @@ async def test_json_with_a_charset_parameter_is_accepted(client: httpx.AsyncClie
     assert response.status_code == 201
 
 
-async def test_a_declared_oversized_body_is_413(client: httpx.AsyncClient, db: Database) -> None:
-    body = json.dumps(signup_body(padding="x" * 70_000))
-    response = await client.post(SIGNUP, content=body, headers={"content-type": "application/json"})
-    assert response.status_code == 413
-    assert response.json() == {"detail": "Request body is larger than 65536 bytes."}
-    assert await db.usernames() == []
-
-
-async def test_a_streamed_oversized_body_is_413_without_reading_it_all(client: httpx.AsyncClient, db: Database) -> None:
+async def test_a_streamed_oversized_body_is_413_without_reading_it_all(
+    client: httpx.AsyncClient, db: DirectDatabase
+) -> None:
     sent = 0
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -92,7 +77,7 @@ async def test_wrong_method_is_a_json_405(client: httpx.AsyncClient) -> None:
     ["alice'; DROP TABLE users; --", "al\x00ice", "al\nice", "\ufb00oo", "\uff21lice", "alice\u200b"],
 )
 async def test_hostile_usernames_are_400_and_the_table_survives(
-    client: httpx.AsyncClient, db: Database, username: str
+    client: httpx.AsyncClient, db: DirectDatabase, username: str
 ) -> None:
     response = await client.post(SIGNUP, json=signup_body(username, email="x@example.com"))
     assert response.status_code == 400

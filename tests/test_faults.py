@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import asyncpg
 import httpx
@@ -20,9 +20,9 @@ from chaos import (
     LONGEST_WAIT,
     MARGIN,
     SUMMARY,
+    TIMEOUTS,
     Cluster,
     Outcome,
-    Service,
     TcpProxy,
     check_promise,
     keep_signing_up,
@@ -31,8 +31,10 @@ from chaos import (
     sign_up,
     sign_up_many,
 )
+from clusters import StartService
 
-pytestmark = [pytest.mark.faults, pytest.mark.anyio]
+# One worker for the module: its tests share the cluster they restart (pytest-xdist, --dist loadgroup).
+pytestmark = [pytest.mark.faults, pytest.mark.anyio, pytest.mark.xdist_group("faults")]
 
 
 async def at_commit(cluster: Cluster, database: str, name: str, prefix: str, action: str) -> None:
@@ -55,8 +57,8 @@ def assert_promise_kept(verdict_violations: list[str], leaked: int) -> None:
     assert leaked == 0
 
 
-async def test_baseline_without_faults(cluster: Cluster, database: str, start_service: Callable[..., Service]) -> None:
-    service = start_service(cluster.url(database))
+async def test_baseline_without_faults(cluster: Cluster, database: str, start_service: StartService) -> None:
+    service = start_service(cluster.url(database), **TIMEOUTS)
     outcomes = await sign_up_many(service.url, names("base", 300), concurrency=32)
 
     verdict = await check_promise("no fault", cluster, database, service.url, outcomes)
@@ -66,11 +68,11 @@ async def test_baseline_without_faults(cluster: Cluster, database: str, start_se
 
 
 async def test_a_commit_refused_by_the_database_is_a_500_and_writes_nothing(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
     # A deferred constraint trigger runs at COMMIT: the app has already produced its 201.
     await at_commit(cluster, database, "refuse_doomed", "doomed", "RAISE EXCEPTION 'refused at commit'")
-    service = start_service(cluster.url(database))
+    service = start_service(cluster.url(database), **TIMEOUTS)
 
     outcomes = await sign_up_many(service.url, [*names("doomed", 50), *names("fine", 50)], concurrency=16)
 
@@ -85,9 +87,9 @@ async def test_a_commit_refused_by_the_database_is_a_500_and_writes_nothing(
 
 
 async def test_a_database_restart_answers_503_quickly_and_the_service_recovers_by_itself(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
-    service = start_service(cluster.url(database))
+    service = start_service(cluster.url(database), **TIMEOUTS)
     stop = asyncio.Event()
     load = asyncio.create_task(keep_signing_up(service.url, "restart", stop))
     await asyncio.sleep(1)
@@ -121,9 +123,9 @@ async def test_a_database_restart_answers_503_quickly_and_the_service_recovers_b
 
 
 async def test_terminated_backends_give_503_or_success_never_a_hang(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
-    service = start_service(cluster.url(database))
+    service = start_service(cluster.url(database), **TIMEOUTS)
     stop = asyncio.Event()
     load = asyncio.create_task(keep_signing_up(service.url, "killed", stop))
     for _ in range(10):
@@ -148,9 +150,9 @@ def proxy(cluster: Cluster) -> Iterator[TcpProxy]:
 
 @pytest.mark.parametrize("fault", ["blackhole", "reset", "delay"])
 async def test_a_stalled_or_broken_network_is_bounded_and_holds_no_pool_slot(
-    cluster: Cluster, database: str, proxy: TcpProxy, start_service: Callable[..., Service], fault: str
+    cluster: Cluster, database: str, proxy: TcpProxy, start_service: StartService, fault: str
 ) -> None:
-    service = start_service(cluster.url(database, port=proxy.port))
+    service = start_service(cluster.url(database, port=proxy.port), **TIMEOUTS)
     stop = asyncio.Event()
     load = asyncio.create_task(keep_signing_up(service.url, f"net{fault}", stop))
     await asyncio.sleep(1)
@@ -183,10 +185,11 @@ async def test_a_stalled_or_broken_network_is_bounded_and_holds_no_pool_slot(
 
 
 async def test_an_exhausted_pool_answers_503_after_the_pool_timeout_never_500(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
     service = start_service(
-        cluster.url(database), DB_POOL_SIZE="2", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="1", DB_COMMAND_TIMEOUT="10"
+        cluster.url(database),
+        **{**TIMEOUTS, "DB_POOL_SIZE": "2", "DB_MAX_OVERFLOW": "0", "DB_POOL_TIMEOUT": "1", "DB_COMMAND_TIMEOUT": "10"},
     )
     # Slow requests: an outside transaction locks the table, so the two pooled connections wait on it.
     blocker = await asyncpg.connect(cluster.url(database))
@@ -202,6 +205,9 @@ async def test_an_exhausted_pool_answers_503_after_the_pool_timeout_never_500(
         release = asyncio.get_running_loop().call_later(3, lambda: asyncio.ensure_future(blocker.execute("COMMIT")))
         results = await asyncio.gather(*(lookup(client) for _ in range(200)))
         release.cancel()
+    # New connections: one kept alive through the wait above may meet the server's keep-alive
+    # timeout just as it is reused.
+    async with httpx.AsyncClient(base_url=service.url) as client:
         after = await asyncio.gather(*(lookup(client) for _ in range(50)))
     await blocker.close()
 
@@ -211,7 +217,9 @@ async def test_an_exhausted_pool_answers_503_after_the_pool_timeout_never_500(
     timed_out = [(seconds, retry) for status, seconds, retry in results if status == 503]
     assert len(timed_out) >= 150
     assert all(retry for _, retry in timed_out)
-    assert all(0.9 < seconds < 1 + MARGIN for seconds, _ in timed_out)
+    # The contract: a 503 only once the pool timeout (1 s) has passed, and never a hang. The upper
+    # bound leaves room for a loaded machine; a hang would last the statement timeout (10 s).
+    assert all(0.9 < seconds < 1 + 5 for seconds, _ in timed_out)
     assert {status for status, _, _ in after} == {404}  # full service afterwards
     leaked = await leaked_connections(cluster)
     SUMMARY.append(
@@ -222,9 +230,9 @@ async def test_an_exhausted_pool_answers_503_after_the_pool_timeout_never_500(
 
 
 async def test_clients_that_disconnect_leave_nothing_checked_out(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
-    service = start_service(cluster.url(database))
+    service = start_service(cluster.url(database), **TIMEOUTS)
     outcomes: list[Outcome] = []
 
     async def hang_up(i: int) -> None:
@@ -256,9 +264,9 @@ async def test_clients_that_disconnect_leave_nothing_checked_out(
 
 
 async def test_fifty_racing_signups_of_one_username_give_one_201(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
-    service = start_service(cluster.url(database))
+    service = start_service(cluster.url(database), **TIMEOUTS)
     async with httpx.AsyncClient(base_url=service.url, limits=httpx.Limits(max_connections=50)) as client:
         outcomes = await asyncio.gather(*(sign_up(client, "contested") for _ in range(50)))
 
@@ -272,12 +280,12 @@ async def test_fifty_racing_signups_of_one_username_give_one_201(
 
 
 async def test_a_database_that_refuses_connections_answers_503(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
     # "too many connections for role" is SQLSTATE 53300: asyncpg reports it as a plain PostgresError.
     await cluster.sql("DROP ROLE IF EXISTS crowded")
     await cluster.sql("CREATE ROLE crowded LOGIN CONNECTION LIMIT 0")
-    service = start_service(cluster.url(database).replace("postgres@", "crowded@"))
+    service = start_service(cluster.url(database).replace("postgres@", "crowded@"), **TIMEOUTS)
     async with httpx.AsyncClient(base_url=service.url) as client:
         for response in (await client.get("/readyz"), await client.get("/api/users/alice")):
             assert response.status_code == 503
@@ -286,11 +294,11 @@ async def test_a_database_that_refuses_connections_answers_503(
 
 
 async def test_a_node_turned_read_only_answers_503_and_its_connection_is_dropped(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
     # What a demoted primary does to the connections already open to it: every write is refused
     # with SQLSTATE 25006. One pooled connection, so that a kept one would be met again.
-    service = start_service(cluster.url(database), DB_POOL_SIZE="1")
+    service = start_service(cluster.url(database), **{**TIMEOUTS, "DB_POOL_SIZE": "1"})
     pids = "SELECT pid FROM pg_stat_activity WHERE application_name = 'users' AND datname = $1"
     async with httpx.AsyncClient(base_url=service.url) as client:
         assert (await sign_up(client, "before")).status == 201
@@ -312,12 +320,12 @@ async def test_a_node_turned_read_only_answers_503_and_its_connection_is_dropped
 
 
 async def test_a_commit_whose_connection_dies_is_a_503_in_doubt_and_the_retry_tells(
-    cluster: Cluster, database: str, start_service: Callable[..., Service]
+    cluster: Cluster, database: str, start_service: StartService
 ) -> None:
     # A deferred trigger ends its own backend at COMMIT: the connection dies under the commit, as a
     # failover cuts it. The client cannot know whether it committed, so it is told to retry.
     await at_commit(cluster, database, "cut_at_commit", "cut", "PERFORM pg_terminate_backend(pg_backend_pid())")
-    service = start_service(cluster.url(database))
+    service = start_service(cluster.url(database), **TIMEOUTS)
     outcomes = await sign_up_many(service.url, [*names("cut", 20), *names("whole", 20)], concurrency=8)
 
     cut = [o for o in outcomes if o.username.startswith("cut")]

@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from chaos import Service
+from chaos import ServiceProcess
+from clusters import StartService
 from conftest import signup_body
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def service(database_url: str, tmp_path: Path) -> Iterator[Service]:
-    service = Service(database_url, tmp_path / "service.log")
-    yield service
-    service.stop()
+def service(database_url: str, start_service: StartService) -> ServiceProcess:
+    return start_service(database_url)
 
 
 def rss_kib(pid: int) -> int:
@@ -67,7 +65,7 @@ def head_with(header_value_bytes: int) -> bytes:
     return b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * header_value_bytes + b"\r\n\r\n"
 
 
-async def test_a_head_over_16_kib_that_arrives_at_once_is_431(service: Service) -> None:
+async def test_a_head_over_16_kib_that_arrives_at_once_is_431(service: ServiceProcess) -> None:
     answer, _ = await raw_request(service.port, head_with(64 * 1024))
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert answer.endswith(b'{"detail":"Request headers are larger than 16384 bytes."}')
@@ -76,7 +74,7 @@ async def test_a_head_over_16_kib_that_arrives_at_once_is_431(service: Service) 
     assert fits.startswith(b"HTTP/1.1 200 "), fits[:200]
 
 
-async def test_a_head_that_keeps_coming_is_refused_before_it_is_buffered(service: Service) -> None:
+async def test_a_head_that_keeps_coming_is_refused_before_it_is_buffered(service: ServiceProcess) -> None:
     before = rss_kib(service.process.pid)
     # 32 MiB of one header, 64 KiB at a time: the server must answer long before the end.
     head = head_with(32 * 1024 * 1024)
@@ -90,7 +88,7 @@ async def test_a_head_that_keeps_coming_is_refused_before_it_is_buffered(service
         assert (await client.get("/healthz")).status_code == 200  # and the service is fine
 
 
-async def test_every_answer_says_nosniff_and_no_server_banner(service: Service) -> None:
+async def test_every_answer_says_nosniff_and_no_server_banner(service: ServiceProcess) -> None:
     async with httpx.AsyncClient(base_url=service.url) as client:
         answers = [
             await client.get("/healthz"),
@@ -105,21 +103,14 @@ async def test_every_answer_says_nosniff_and_no_server_banner(service: Service) 
         assert "server" not in response.headers, response.status_code
 
 
-async def test_the_500_page_says_nosniff_too(unmigrated_service: Service) -> None:
-    async with httpx.AsyncClient(base_url=unmigrated_service.url) as client:
+async def test_the_500_page_says_nosniff_too(unmigrated_url: str, start_service: StartService) -> None:
+    async with httpx.AsyncClient(base_url=start_service(unmigrated_url).url) as client:
         response = await client.get("/api/users/alice")  # no schema: a 500
     assert response.status_code == 500
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
-@pytest.fixture
-def unmigrated_service(tmp_path: Path) -> Iterator[Service]:
-    service = Service(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path / "service.log")
-    yield service
-    service.stop()
-
-
-async def test_answers_with_tokens_or_private_data_are_not_stored(service: Service) -> None:
+async def test_answers_with_tokens_or_private_data_are_not_stored(service: ServiceProcess) -> None:
     async with httpx.AsyncClient(base_url=service.url) as client:
         signup = await client.post("/api/users/signup", json=signup_body("alice"))
         signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})

@@ -12,7 +12,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from app import create_app
-from db import upgrade_schema
+from migrate import upgrade_schema
 from settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -5,58 +5,30 @@ fails in the known way (asyncpg's prepared statements meet other clients' server
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from chaos import Cluster, Outcome, PgBouncer, Service, postgres_bindir, sign_up
-from conftest import in_thread
-from db import upgrade_schema
+from chaos import Cluster, Outcome, PgBouncer, sign_up
+from clusters import StartService
 
-pytestmark = [pytest.mark.pgbouncer, pytest.mark.anyio]
+pytestmark = [pytest.mark.pgbouncer, pytest.mark.anyio, pytest.mark.xdist_group("pgbouncer")]  # one worker: one cluster
 
 
 @pytest.fixture(scope="module")
-def bouncer() -> Iterator[tuple[Cluster, PgBouncer]]:
-    bindir = postgres_bindir()
-    missing = "PostgreSQL server binaries" if bindir is None else "pgbouncer" if not shutil.which("pgbouncer") else ""
-    if missing:
+def pgbouncer(cluster: Cluster) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the module's cluster (migrations go to PostgreSQL
+    directly, as the database fixture runs them)."""
+    if not shutil.which("pgbouncer") and not os.path.exists("/usr/sbin/pgbouncer"):
         if os.environ.get("CI") == "true":
-            pytest.fail(f"the PgBouncer test needs {missing} (scripts/test installs them as root)")
-        pytest.skip(f"no {missing}")
-    assert bindir is not None
-    cluster = Cluster(bindir)
-    cluster.start()
-    pgbouncer = PgBouncer(cluster.port)
-    yield cluster, pgbouncer
-    pgbouncer.stop()
-    cluster.destroy()
-
-
-@pytest.fixture
-def start_service(bouncer: tuple[Cluster, PgBouncer], tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    cluster, pgbouncer = bouncer
-    database = f"bouncer_{uuid.uuid4().hex[:8]}"
-    in_thread(asyncio.run, cluster.sql(f"CREATE DATABASE {database}"))
-    in_thread(upgrade_schema, cluster.url(database))  # migrations go to PostgreSQL directly
-    services: list[Service] = []
-
-    def start(**settings: str) -> Service:
-        service = Service(pgbouncer.url(database), tmp_path / f"service{len(services)}.log", **settings)
-        services.append(service)
-        return service
-
-    yield start
-    for service in services:
-        service.stop()
-    with contextlib.suppress(Exception):
-        in_thread(asyncio.run, cluster.sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            pytest.fail("the PgBouncer test needs pgbouncer (scripts/test installs it as root)")
+        pytest.skip("no pgbouncer")
+    bouncer = PgBouncer(cluster.port)
+    yield bouncer
+    bouncer.stop()
 
 
 async def burst(url: str, prefix: str) -> tuple[list[Outcome], list[int]]:
@@ -75,8 +47,10 @@ async def burst(url: str, prefix: str) -> tuple[list[Outcome], list[int]]:
     return [r for r in results if isinstance(r, Outcome)], [r for r in results if isinstance(r, int)]
 
 
-async def test_two_workers_work_through_pgbouncer_with_the_flag(start_service: Callable[..., Service]) -> None:
-    service = start_service(DB_PGBOUNCER="true", WEB_CONCURRENCY="2")
+async def test_two_workers_work_through_pgbouncer_with_the_flag(
+    pgbouncer: PgBouncer, database: str, start_service: StartService
+) -> None:
+    service = start_service(pgbouncer.url(database), DB_PGBOUNCER="true", WEB_CONCURRENCY="2")
     async with httpx.AsyncClient(base_url=service.url) as client:
         body = {"username": "alice", "password": "Kiwi-Tango-57", "email": "alice@example.com"}
         assert (await client.post("/api/users/signup", json=body)).status_code == 201
@@ -102,8 +76,10 @@ async def test_two_workers_work_through_pgbouncer_with_the_flag(start_service: C
     assert service.log().count("Started server process") >= 2  # really two workers
 
 
-async def test_without_the_flag_the_same_setup_fails_in_the_known_way(start_service: Callable[..., Service]) -> None:
-    service = start_service(WEB_CONCURRENCY="2")
+async def test_without_the_flag_the_same_setup_fails_in_the_known_way(
+    pgbouncer: PgBouncer, database: str, start_service: StartService
+) -> None:
+    service = start_service(pgbouncer.url(database), WEB_CONCURRENCY="2")
 
     signups, lookups = await burst(service.url, "no")
 

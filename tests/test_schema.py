@@ -5,15 +5,23 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import httpx
 import pytest
+import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from asgi_lifespan import LifespanManager
 from sqlalchemy import Connection, text
 
-from conftest import Database, in_thread
-from db import SchemaRevisions, async_url, asyncpg_connect_args, make_engine, reads_in_autocommit, upgrade_schema
+from app import create_app
+from conftest import DirectDatabase, in_thread, signup_body
+from engine import async_url, asyncpg_connect_args, make_engine, reads_in_autocommit
+from migrate import SchemaRevisions, upgrade_schema
 from models import Base
+from pool import FairQueue
 from settings import Settings
+
+HEAD = SchemaRevisions.from_migrations().head
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +42,7 @@ async def test_the_models_match_the_migrations(database_url: str) -> None:
         await engine.dispose()
 
 
-async def test_migrating_a_migrated_database_changes_nothing(db: Database) -> None:
+async def test_migrating_a_migrated_database_changes_nothing(db: DirectDatabase) -> None:
     head = SchemaRevisions.from_migrations().head
     assert await db.scalar("SELECT version_num FROM alembic_version") == head
     in_thread(upgrade_schema, db.url)  # already at head: nothing to do, nothing breaks
@@ -146,5 +154,51 @@ async def test_behind_pgbouncer_statements_are_unnamed_and_never_cached() -> Non
         assert (connect_args["statement_cache_size"], connect_args["prepared_statement_cache_size"]) == (0, 0)
         assert connect_args["prepared_statement_name_func"]() == ""  # unnamed: nothing left on a server
         assert not reads_in_autocommit(settings)  # reads in transactions: prepare and execute on one server
+    finally:
+        await engine.dispose()
+
+
+# --- a database without the schema -------------------------------------------------------
+
+
+async def test_without_the_schema_readyz_says_so_and_routes_answer_500_not_503(unmigrated_url: str) -> None:
+    async with LifespanManager(create_app(Settings(database_url=unmigrated_url))) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json() == {
+                "detail": f"The database schema is at revision none, not {HEAD}: run the migrations."
+            }
+            for response in (
+                await client.get("/api/users/alice"),
+                await client.get("/api/users"),
+                await client.post("/api/users/signup", json=signup_body()),
+            ):
+                assert response.status_code == 500, response.text
+                assert "retry-after" not in response.headers
+
+            in_thread(upgrade_schema, unmigrated_url, "0002")
+            behind = await client.get("/readyz")
+            assert behind.status_code == 503
+            assert f"at revision 0002, not {HEAD}" in behind.json()["detail"]
+
+            in_thread(upgrade_schema, unmigrated_url)
+            assert (await client.get("/readyz")).json() == {
+                "status": "ready",
+                "revision": SchemaRevisions.from_migrations().head,
+            }
+            assert (await client.get("/api/users/alice")).status_code == 404
+
+
+async def test_the_fair_pool_still_fits_the_installed_sqlalchemy() -> None:
+    """pool.py builds on SQLAlchemy internals; an upgrade that moves them must fail here, loudly."""
+    engine = make_engine(Settings(database_url="sqlite+aiosqlite:///:memory:"))
+    try:
+        queue = getattr(engine.sync_engine.pool, "_pool", None)
+        assert isinstance(queue, FairQueue), (
+            f"SQLAlchemy {sqlalchemy.__version__} no longer builds its pool's queue from `_queue_class`: "
+            "pool.FairQueue is not in use. Pin SQLAlchemy back or port pool.py to the new internals."
+        )
     finally:
         await engine.dispose()

@@ -16,10 +16,10 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
-import auth
+import passwords
 from app import create_app
-from chaos import Service
-from conftest import Database, signup_body
+from chaos import ServiceProcess
+from conftest import DirectDatabase, signup_body
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -60,13 +60,13 @@ def assert_429(response: httpx.Response, window: int = 900) -> None:
 def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every password verification the service runs (each one costs an Argon2 hash)."""
     seen: list[str] = []
-    verify = auth._verify
+    verify = passwords._verify
 
     def counting(password_hash: str | None, password: str) -> bool:
         seen.append(password)
         return verify(password_hash, password)
 
-    monkeypatch.setattr(auth, "_verify", counting)
+    monkeypatch.setattr(passwords, "_verify", counting)
     return seen
 
 
@@ -98,7 +98,7 @@ async def test_the_owner_from_another_address_is_not_throttled(app: Starlette) -
         assert (await signin(owner, "alice", PASSWORD)).status_code == 200
 
 
-async def test_a_success_clears_that_usernames_count_for_that_address(app: Starlette, db: Database) -> None:
+async def test_a_success_clears_that_usernames_count_for_that_address(app: Starlette, db: DirectDatabase) -> None:
     async with client_from(app, "198.51.100.7") as client:
         assert (await client.post("/api/users/signup", json=signup_body("alice"))).status_code == 201
         for _ in range(4):
@@ -128,7 +128,7 @@ async def test_fifty_failures_from_one_address_over_any_usernames_throttle_that_
         assert (await signin(other, "alice", PASSWORD)).status_code == 200
 
 
-async def test_the_window_expires_and_old_records_are_purged(settings: Settings, db: Database) -> None:
+async def test_the_window_expires_and_old_records_are_purged(settings: Settings, db: DirectDatabase) -> None:
     async with (
         LifespanManager(create_app(replace(settings, signin_failure_window=1))) as manager,
         client_from(manager.app, "198.51.100.7") as client,  # type: ignore[arg-type]
@@ -146,7 +146,7 @@ async def test_the_window_expires_and_old_records_are_purged(settings: Settings,
 
 @pytest.mark.parametrize(("user_limit", "address_limit"), [(0, 50), (5, 0), (0, 0)])
 async def test_a_limit_of_zero_turns_that_rule_off(
-    settings: Settings, db: Database, user_limit: int, address_limit: int
+    settings: Settings, db: DirectDatabase, user_limit: int, address_limit: int
 ) -> None:
     changed = replace(settings, signin_failure_limit=user_limit, signin_address_failure_limit=address_limit)
     async with (
@@ -159,7 +159,9 @@ async def test_a_limit_of_zero_turns_that_rule_off(
     assert await db.scalar("SELECT count(*) FROM signin_failures WHERE username = ''") == (1 if address_limit else 0)
 
 
-async def test_a_wrong_old_password_is_a_400_that_counts_towards_the_throttle(app: Starlette, db: Database) -> None:
+async def test_a_wrong_old_password_is_a_400_that_counts_towards_the_throttle(
+    app: Starlette, db: DirectDatabase
+) -> None:
     async with client_from(app, "198.51.100.7") as client:
         await client.post("/api/users/signup", json=signup_body("alice"))
         token = (await signin(client, "alice", PASSWORD)).json()["access_token"]
@@ -184,11 +186,11 @@ async def test_a_wrong_old_password_is_a_400_that_counts_towards_the_throttle(ap
 
 
 @pytest.fixture
-def two_workers(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    services: list[Service] = []
+def two_workers(database_url: str, tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    services: list[ServiceProcess] = []
 
-    def start(**settings: str) -> Service:
-        service = Service(database_url, tmp_path / "service.log", WEB_CONCURRENCY="2", **settings)
+    def start(**settings: str) -> ServiceProcess:
+        service = ServiceProcess(database_url, tmp_path / "service.log", WEB_CONCURRENCY="2", **settings)
         services.append(service)
         return service
 
@@ -207,7 +209,7 @@ async def timed(client: httpx.AsyncClient, username: str, password: str, address
 
 
 async def test_twenty_concurrent_guesses_against_two_workers_get_at_most_five_hashes(
-    two_workers: Callable[..., Service],
+    two_workers: Callable[..., ServiceProcess],
 ) -> None:
     service = two_workers()
     limits = httpx.Limits(max_connections=20)
@@ -233,7 +235,9 @@ async def test_twenty_concurrent_guesses_against_two_workers_get_at_most_five_ha
     assert service.log().count("Started server process") == 2
 
 
-async def test_the_address_rule_across_workers_uses_the_forwarded_address(two_workers: Callable[..., Service]) -> None:
+async def test_the_address_rule_across_workers_uses_the_forwarded_address(
+    two_workers: Callable[..., ServiceProcess],
+) -> None:
     service = two_workers(SIGNIN_ADDRESS_FAILURE_LIMIT="10")
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
         statuses = [(await timed(client, f"name{i}", "Wrong-Guess-1", "198.51.100.7"))[0] for i in range(12)]
@@ -242,7 +246,9 @@ async def test_the_address_rule_across_workers_uses_the_forwarded_address(two_wo
     assert other[0] == 401
 
 
-async def test_a_forwarded_address_the_table_cannot_hold_is_cut_to_fit(two_workers: Callable[..., Service]) -> None:
+async def test_a_forwarded_address_the_table_cannot_hold_is_cut_to_fit(
+    two_workers: Callable[..., ServiceProcess],
+) -> None:
     service = two_workers()
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
         for address in ("x" * 300, "not-an-address", "2001:db8::1%" + "eth" * 40, "é".encode() * 100):

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from app import create_app
-from conftest import Database, signup_body
+from conftest import DirectDatabase, signup_body
 from settings import Settings
 from stores import UserStore
 
@@ -72,7 +72,7 @@ def count_checkouts(engine: AsyncEngine) -> list[int]:
 
 
 async def test_the_commit_is_done_before_the_response_starts(
-    app: Starlette, lifespan: LifespanManager, db: Database
+    app: Starlette, lifespan: LifespanManager, db: DirectDatabase
 ) -> None:
     async def route(request: Request) -> Response:
         await create_alice(request)
@@ -91,7 +91,7 @@ async def test_the_commit_is_done_before_the_response_starts(
 
 
 async def test_a_route_that_writes_then_answers_4xx_leaves_nothing(
-    app: Starlette, client: httpx.AsyncClient, db: Database
+    app: Starlette, client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     async def route(request: Request) -> Response:
         await create_alice(request)
@@ -107,7 +107,7 @@ async def test_a_route_that_writes_then_answers_4xx_leaves_nothing(
 
 
 async def test_a_route_that_writes_then_returns_4xx_leaves_nothing(
-    app: Starlette, client: httpx.AsyncClient, db: Database
+    app: Starlette, client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     async def route(request: Request) -> Response:
         await create_alice(request)
@@ -120,7 +120,7 @@ async def test_a_route_that_writes_then_returns_4xx_leaves_nothing(
 
 
 async def test_a_route_that_writes_then_raises_leaves_nothing(
-    app: Starlette, client: httpx.AsyncClient, db: Database
+    app: Starlette, client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     async def route(request: Request) -> Response:
         await create_alice(request)
@@ -136,7 +136,7 @@ async def test_a_route_that_writes_then_raises_leaves_nothing(
 
 
 async def test_commit_failure_from_a_deferred_constraint_answers_500_and_writes_nothing(
-    app: Starlette, client: httpx.AsyncClient, db: Database
+    app: Starlette, client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     # A deferred foreign key is checked only at COMMIT: the database itself refuses the commit.
     await db.execute("CREATE TABLE notes (user_id BIGINT NOT NULL REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED)")
@@ -158,7 +158,7 @@ async def test_commit_failure_from_a_deferred_constraint_answers_500_and_writes_
 
 
 async def test_commit_failure_from_a_before_commit_hook_answers_500_and_writes_nothing(
-    app: Starlette, client: httpx.AsyncClient, db: Database
+    app: Starlette, client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     async def route(request: Request) -> Response:
         await create_alice(request)
@@ -179,7 +179,7 @@ async def test_commit_failure_from_a_before_commit_hook_answers_500_and_writes_n
 
 
 async def test_commit_failure_is_a_500_even_when_the_app_swallows_the_error(
-    app: Starlette, client: httpx.AsyncClient, db: Database
+    app: Starlette, client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     class ForgivingResponse(JSONResponse):
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,7 +219,7 @@ async def test_healthz_checks_out_no_connection(client: httpx.AsyncClient, engin
 
 
 async def test_a_cancelled_request_gives_its_connection_back(
-    app: Starlette, client: httpx.AsyncClient, engine: AsyncEngine, db: Database
+    app: Starlette, client: httpx.AsyncClient, engine: AsyncEngine, db: DirectDatabase
 ) -> None:
     inside = anyio.Event()
 
@@ -247,7 +247,7 @@ async def test_a_cancelled_request_gives_its_connection_back(
 
 
 async def test_a_client_that_disconnects_mid_body_leaves_nothing_checked_out(
-    app: Starlette, lifespan: LifespanManager, engine: AsyncEngine, db: Database
+    app: Starlette, lifespan: LifespanManager, engine: AsyncEngine, db: DirectDatabase
 ) -> None:
     async def route(request: Request) -> Response:
         await create_alice(request)
@@ -272,7 +272,7 @@ async def test_a_client_that_disconnects_mid_body_leaves_nothing_checked_out(
 
 
 async def test_concurrent_signups_of_one_username_give_one_201_and_the_rest_409(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     statuses: list[int] = []
 
@@ -288,7 +288,7 @@ async def test_concurrent_signups_of_one_username_give_one_201_and_the_rest_409(
     assert await db.usernames() == ["alice"]
 
 
-async def test_concurrent_signups_of_different_users_all_commit(client: httpx.AsyncClient, db: Database) -> None:
+async def test_concurrent_signups_of_different_users_all_commit(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     statuses: list[int] = []
 
     async def sign_up(i: int) -> None:
@@ -302,7 +302,7 @@ async def test_concurrent_signups_of_different_users_all_commit(client: httpx.As
     assert sorted(await db.usernames()) == [f"user{i:02}" for i in range(20)]
 
 
-async def test_an_exhausted_pool_answers_503_with_retry_after(settings: Settings, db: Database) -> None:
+async def test_an_exhausted_pool_answers_503_with_retry_after(settings: Settings, db: DirectDatabase) -> None:
     app = create_app(replace(settings, pool_size=1, max_overflow=0, pool_timeout=0.2))
     release = anyio.Event()
     inside = anyio.Event()

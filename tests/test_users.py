@@ -7,15 +7,17 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Database, signup_body
-from db import SchemaRevisions
+from conftest import DirectDatabase, signup_body
+from migrate import SchemaRevisions
 
 HEAD = SchemaRevisions.from_migrations().head
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_signup_creates_the_user_and_answers_the_private_profile(client: httpx.AsyncClient, db: Database) -> None:
+async def test_signup_creates_the_user_and_answers_the_private_profile(
+    client: httpx.AsyncClient, db: DirectDatabase
+) -> None:
     response = await client.post("/api/users/signup", json=signup_body("alice", email="Alice@Example.com"))
 
     assert response.status_code == 201
@@ -71,7 +73,7 @@ async def test_usernames_match_exactly_as_typed(client: httpx.AsyncClient) -> No
     ],
 )
 async def test_invalid_signup_is_400_and_writes_nothing(
-    client: httpx.AsyncClient, db: Database, overrides: dict[str, Any], field: str
+    client: httpx.AsyncClient, db: DirectDatabase, overrides: dict[str, Any], field: str
 ) -> None:
     response = await client.post("/api/users/signup", json={**signup_body("alice"), **overrides})
 
@@ -106,7 +108,7 @@ async def test_field_limits_are_inclusive(client: httpx.AsyncClient, username: s
     ],
 )
 async def test_duplicate_signup_is_409_and_writes_nothing(
-    client: httpx.AsyncClient, db: Database, second: dict[str, str], detail: str
+    client: httpx.AsyncClient, db: DirectDatabase, second: dict[str, str], detail: str
 ) -> None:
     assert (await client.post("/api/users/signup", json=signup_body("alice"))).status_code == 201
 
@@ -117,7 +119,7 @@ async def test_duplicate_signup_is_409_and_writes_nothing(
     assert await db.usernames() == ["alice"]
 
 
-async def test_a_taken_email_is_named_whatever_it_spells(client: httpx.AsyncClient, db: Database) -> None:
+async def test_a_taken_email_is_named_whatever_it_spells(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     """Which key was taken comes from the constraint, never from the values in the error."""
     first = signup_body("alice", email="username@example.com")
     assert (await client.post("/api/users/signup", json=first)).status_code == 201
@@ -129,7 +131,7 @@ async def test_a_taken_email_is_named_whatever_it_spells(client: httpx.AsyncClie
     assert await db.usernames() == ["alice"]
 
 
-async def test_ids_are_never_reused(client: httpx.AsyncClient, db: Database) -> None:
+async def test_ids_are_never_reused(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     first = (await client.post("/api/users/signup", json=signup_body("first"))).json()
     await db.execute("DELETE FROM users")
 
@@ -185,11 +187,23 @@ async def test_list_of_no_users(client: httpx.AsyncClient) -> None:
         ("after=%27%20OR%201=1--", "after"),
         ("after=" + "z" * 21, "after"),
         ("page=2", "page"),
+        ("limit=1000000000000000000000", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=1.5", "limit"),
+        ("limit=1e3", "limit"),
+        ("limit=%00", "limit"),
+        ("after=%27%3B%20DROP%20TABLE%20users%3B%20--", "after"),
+        ("after=%C3%A9mile", "after"),
+        ("after=%FF", "after"),
+        ("after=", "after"),
+        ("after=a&limit=5", "after"),
+        ("sort=username", "sort"),
     ],
 )
 async def test_malformed_list_query_is_400(client: httpx.AsyncClient, query: str, field: str) -> None:
     response = await client.get(f"/api/users?{query}")
     assert response.status_code == 400
+    assert response.json()["detail"] == "Some fields are missing or invalid."
     assert [error["field"] for error in response.json()["errors"]] == [field]
 
 

@@ -19,8 +19,8 @@ try {
 
   // Try it out on GET /healthz and GET /api/users/{username}, from the page itself.
   const tried = {};
-  for (const [operation, fill] of [["healthz", null], ["getUser", "nobody"]]) {
-    const block = page.locator(`#operations-default-${operation}`);
+  for (const [operation, fill] of [["probes-healthz", null], ["profiles-getUser", "nobody"]]) {
+    const block = page.locator(`#operations-${operation}`);
     await block.locator(".opblock-summary").click();
     await block.locator("button.try-out__btn").click();
     if (fill) await block.locator("input[placeholder='username']").fill(fill);

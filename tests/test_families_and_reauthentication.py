@@ -1,66 +1,31 @@
-"""Accounts, second pass, through a real uvicorn on SQLite and PostgreSQL: token families with
-reuse detection, re-authentication for what cannot be undone, the email-taken oracle bounded,
-usernames unique regardless of case, and the password rules that need another field."""
+"""Token families with reuse detection, re-authentication for what cannot be undone, and the
+email-taken oracle bounded, through a real uvicorn on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from chaos import Service
-from conftest import Database, in_thread, postgres_admin, postgres_dsn, signup_body
-from db import upgrade_schema
+from clusters import StartService
+from conftest import PASSWORD, DirectDatabase, bearer, field_errors, sign_in, sign_up_and_in, signup_body
 
 pytestmark = pytest.mark.anyio
 
-PASSWORD = "Kiwi-Tango-57"
-
 
 @pytest.fixture
-def service(database_url: str, tmp_path: Path) -> Iterator[Service]:
-    service = Service(database_url, tmp_path / "service.log")
-    yield service
-    service.stop()
-
-
-@pytest.fixture
-async def client(service: Service) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+async def client(database_url: str, start_service: StartService) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=start_service(database_url).url, timeout=30) as client:
         yield client
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def sign_up_and_in(client: httpx.AsyncClient, username: str = "alice") -> dict[str, str]:
-    assert (await client.post("/api/users/signup", json=signup_body(username))).status_code == 201
-    return await sign_in(client, username)
-
-
-async def sign_in(client: httpx.AsyncClient, username: str = "alice", password: str = PASSWORD) -> dict[str, str]:
-    response = await client.post("/api/users/signin", json={"username": username, "password": password})
-    assert response.status_code == 200, response.text
-    tokens: dict[str, str] = response.json()
-    return tokens
-
-
-def field_errors(response: httpx.Response) -> list[str]:
-    assert response.status_code == 400, response.text
-    return [error["field"] for error in response.json()["errors"]]
 
 
 # --- 1. families ----------------------------------------------------------------------------
 
 
 async def test_a_reused_refresh_token_ends_the_family_for_the_thief_and_the_owner(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     stolen = await sign_up_and_in(client)
     owner = (await client.post("/api/users/refresh", headers=bearer(stolen["refresh_token"]))).json()
@@ -77,7 +42,7 @@ async def test_a_reused_refresh_token_ends_the_family_for_the_thief_and_the_owne
 
 
 async def test_racing_refreshes_of_one_token_rotate_once_and_then_end_the_family(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     tokens = await sign_up_and_in(client)
 
@@ -94,7 +59,7 @@ async def test_racing_refreshes_of_one_token_rotate_once_and_then_end_the_family
     assert (await client.get("/api/users/me", headers=bearer(winner["access_token"]))).status_code == 401
 
 
-async def test_any_number_of_refreshes_keeps_one_row(client: httpx.AsyncClient, db: Database) -> None:
+async def test_any_number_of_refreshes_keeps_one_row(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     tokens = await sign_up_and_in(client)
     for _ in range(50):
         tokens = (await client.post("/api/users/refresh", headers=bearer(tokens["refresh_token"]))).json()
@@ -123,7 +88,7 @@ async def test_signout_ends_the_access_tokens_of_its_family_at_once(client: http
     ids=["no body", "empty", "wrong", "not a string"],
 )
 async def test_deleting_the_account_takes_its_password(
-    client: httpx.AsyncClient, db: Database, request_body: dict[str, object] | None
+    client: httpx.AsyncClient, db: DirectDatabase, request_body: dict[str, object] | None
 ) -> None:
     access = (await sign_up_and_in(client))["access_token"]
     extra = {} if request_body is None else {"json": request_body}
@@ -138,7 +103,7 @@ async def test_deleting_the_account_takes_its_password(
 
 
 async def test_changing_the_email_takes_the_password_and_other_fields_do_not(
-    client: httpx.AsyncClient, db: Database
+    client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
     access = (await sign_up_and_in(client))["access_token"]
 
@@ -196,86 +161,3 @@ async def test_email_taken_answers_are_bounded_per_user_and_address(client: http
     free = {"email": "free@example.com", "password": PASSWORD}
     assert (await client.patch("/api/users/me", json=free, headers=bearer(access))).status_code == 429
     assert (await client.patch("/api/users/me", json={"address": "Seoul"}, headers=bearer(access))).status_code == 200
-
-
-# --- 8. usernames and passwords ----------------------------------------------------------------
-
-
-async def test_usernames_are_unique_regardless_of_case_and_looked_up_exactly(
-    client: httpx.AsyncClient, db: Database
-) -> None:
-    assert (await client.post("/api/users/signup", json=signup_body("Alice"))).status_code == 201
-
-    twin = await client.post("/api/users/signup", json=signup_body("aLICE", email="twin@example.com"))
-
-    assert twin.status_code == 409
-    assert twin.json() == {"detail": "Username already exists"}
-    assert await db.usernames() == ["Alice"]
-    assert (await client.get("/api/users/Alice")).status_code == 200
-    assert (await client.get("/api/users/alice")).status_code == 404
-
-
-@pytest.mark.parametrize("password", ["CorrectHorse9", "correcthorse9", "CORRECTHORSE9"])
-async def test_a_password_may_not_be_the_username(client: httpx.AsyncClient, db: Database, password: str) -> None:
-    response = await client.post("/api/users/signup", json=signup_body("CorrectHorse9", password=password))
-    assert field_errors(response) == ["password"]
-    assert response.json()["errors"][0]["message"] == "must not be your username"
-    assert await db.usernames() == []
-
-
-@pytest.mark.parametrize(
-    ("new_password", "message"),
-    [
-        (PASSWORD, "must differ from the old one"),
-        ("ALICE1234x", "must not be your username"),  # the username, in another case
-        ("alice-In-Chains", None),  # containing it is allowed
-    ],
-)
-async def test_a_new_password_must_differ_from_the_old_one_and_from_the_username(
-    client: httpx.AsyncClient, new_password: str, message: str | None
-) -> None:
-    access = (await sign_up_and_in(client, "alice1234x"))["access_token"]
-    body = {"old_password": PASSWORD, "new_password": new_password}
-
-    response = await client.put("/api/users/me/password", json=body, headers=bearer(access))
-
-    if message is None:
-        assert response.status_code == 204
-        return
-    assert field_errors(response) == ["new_password"]
-    assert response.json()["errors"][0]["message"] == message
-    assert (await client.get("/api/users/me", headers=bearer(access))).status_code == 200  # nothing changed
-
-
-@pytest.fixture
-def url_at_0004(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A database migrated to 0004 only (before usernames had a case-folded key)."""
-    if database_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        in_thread(upgrade_schema, url, "0004")
-        yield url
-        return
-    name = f"users_old_{uuid.uuid4().hex[:12]}"
-    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
-    in_thread(upgrade_schema, postgres_dsn(name), "0004")
-    yield postgres_dsn(name)
-    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def test_the_migration_stops_on_usernames_that_differ_only_in_case(url_at_0004: str) -> None:
-    db = Database(url_at_0004)
-    for i, name in enumerate(["Alice", "alice", "bob"]):
-        await db.execute(
-            "INSERT INTO users (username, email, email_key, password_hash, created_at)"
-            " VALUES (:name, :email, :email, 'x', :now)",
-            {"name": name, "email": f"u{i}@example.com", "now": datetime(2026, 1, 1, tzinfo=UTC)},
-        )
-
-    with pytest.raises(RuntimeError, match="differ only in case from another \\(Alice, alice\\)"):
-        in_thread(upgrade_schema, url_at_0004)
-
-    assert await db.scalar("SELECT version_num FROM alembic_version") == "0004"
-    await db.execute("UPDATE users SET username = 'alice2' WHERE username = 'alice'")
-    in_thread(upgrade_schema, url_at_0004)
-    rows = await db.rows("SELECT username, username_key FROM users ORDER BY id")
-    assert [tuple(row) for row in rows] == [("Alice", "alice"), ("alice2", "alice2"), ("bob", "bob")]
