@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             *routes_of(OPERATIONS),
             *docs_routes(),
-            *([Route("/metrics", probes.prometheus_metrics, methods=["GET"], include_in_schema=False)] if metrics else []),
+            *([Route("/metrics", probes.prometheus_metrics, include_in_schema=False)] if metrics else []),
         ],
         # Outermost first. These wrap even Starlette's own error middleware, so that they see, and
         # mark, every answer, a 500 included: the request id first, as everything after it logs.
