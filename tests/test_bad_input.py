@@ -11,7 +11,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import Message
 
-from conftest import DirectDatabase, signup_body
+from conftest import DirectDatabase, bearer, sign_up_and_in, signup_body
 
 pytestmark = pytest.mark.anyio
 
@@ -83,11 +83,18 @@ def bad_bodies(path: str) -> list[tuple[str, bytes]]:
 CASES = [(path, what, body) for path in VALID for what, body in bad_bodies(path)]
 
 
+AUTHENTICATED = ("/api/users/me", "/api/users/me/password")
+
+
 @pytest.fixture
-async def signed_in(client: httpx.AsyncClient) -> dict[str, str]:
-    assert (await client.post("/api/users/signup", json=signup_body("alice"))).status_code == 201
-    tokens = (await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})).json()
-    return {"Authorization": f"Bearer {tokens['access_token']}"}
+async def signed_in(request: pytest.FixtureRequest, client: httpx.AsyncClient) -> dict[str, str]:
+    """alice's bearer token, for a test of a route that takes one (the others need no user, and a
+    signup and a signin are two Argon2 hashes: most of what this file's tests cost)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("path", AUTHENTICATED[0]) not in AUTHENTICATED:
+        return {}
+    tokens = await sign_up_and_in(client, "alice")
+    return bearer(tokens["access_token"])
 
 
 async def snapshot(db: DirectDatabase) -> list[Any]:

@@ -33,8 +33,7 @@ from chaos import (
 )
 from clusters import StartService
 
-# One worker for the module: its tests share the cluster they restart (pytest-xdist, --dist loadgroup).
-pytestmark = [pytest.mark.faults, pytest.mark.anyio, pytest.mark.xdist_group("faults")]
+pytestmark = [pytest.mark.faults, pytest.mark.anyio]
 
 
 async def at_commit(cluster: Cluster, database: str, name: str, prefix: str, action: str) -> None:

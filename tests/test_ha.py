@@ -26,7 +26,7 @@ from conftest import in_thread
 from ha import FIGURES, HA_SUMMARY, HAProxy, PatroniCluster, missing_tools
 from migrate import upgrade_schema
 
-pytestmark = [pytest.mark.ha, pytest.mark.anyio, pytest.mark.xdist_group("ha")]  # one worker: one cluster
+pytestmark = [pytest.mark.ha, pytest.mark.anyio]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from chaos import Cluster, Outcome, PgBouncer, sign_up
 from clusters import StartService
 
-pytestmark = [pytest.mark.pgbouncer, pytest.mark.anyio, pytest.mark.xdist_group("pgbouncer")]  # one worker: one cluster
+pytestmark = [pytest.mark.pgbouncer, pytest.mark.anyio]
 
 
 @pytest.fixture(scope="module")
