@@ -37,6 +37,7 @@ BODY_ERRORS = (400, 408, 413, 415)
 TAGS = [
     {"name": "accounts", "description": "Signing up and in, tokens, and your own account."},
     {"name": "profiles", "description": "Public profiles, by username or as a list."},
+    {"name": "tokens", "description": "The public keys that verify the service's tokens."},
     {"name": "probes", "description": "Liveness, readiness and this document."},
 ]
 PATH_PARAMETER = re.compile(r"{(\w+)}")

@@ -1,9 +1,11 @@
-"""The routes that machines call: liveness, readiness, and the Prometheus metrics."""
+"""The routes that machines call: liveness, readiness, the key set that verifies tokens, and the
+Prometheus metrics."""
 
 from __future__ import annotations
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -11,7 +13,8 @@ from engine import is_unavailable
 from errors import error_response
 from openapi import Operation
 from resources import resources
-from schemas import Readiness, Status
+from schemas import KeySet, Readiness, Status
+from tokens import JWKS_MAX_AGE
 
 
 async def healthz(request: Request) -> Response:
@@ -36,6 +39,15 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "revision": revision})
 
 
+async def jwks(request: Request) -> Response:
+    """The public keys that verify the service's tokens (RFC 7517), for other services to cache."""
+    tokens = resources(request).tokens
+    key_set = tokens.key_set()
+    if not key_set["keys"]:
+        raise HTTPException(404, "No key set: tokens are signed with SECRET_KEY, which is not published.")
+    return JSONResponse(key_set, headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"})
+
+
 async def prometheus_metrics(request: Request) -> Response:
     """The Prometheus text format; touches no database connection (the pool gauges are counters)."""
     metrics = resources(request).metrics
@@ -51,5 +63,10 @@ OPERATIONS = (
         "GET", "/readyz", readyz, "readyz", "Readiness: the database answers, at the schema's head", "probes", 200,
         Readiness,
         error_notes={503: "Not ready: the database cannot be reached, or its schema is not at the migrations' head."},
+    ),
+    Operation(
+        "GET", "/.well-known/jwks.json", jwks, "jwks", "The public keys that verify the service's tokens (a JWK Set)",
+        "tokens", 200, KeySet, (404,), database=False,
+        error_notes={404: "No key set: the service signs with SECRET_KEY (HS256), which is never published."},
     ),
 )  # fmt: skip

@@ -249,6 +249,28 @@ class Error(BaseModel):
     )
 
 
+def _absent(schema: dict[str, Any]) -> None:
+    del schema["default"]  # absent, not null
+
+
+class JsonWebKey(BaseModel):
+    """A public key (RFC 7517): `crv`, `x` and `y` for EC and OKP keys, `n` and `e` for RSA."""
+
+    kty: Literal["EC", "OKP", "RSA"]
+    kid: str = Field(description="The key's RFC 7638 thumbprint, as in the header of the tokens it signed.")
+    alg: Literal["ES256", "EdDSA", "RS256"]
+    use: Literal["sig"]
+    crv: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
+    x: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
+    y: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
+    n: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
+    e: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
+
+
+class KeySet(BaseModel):
+    keys: list[JsonWebKey]
+
+
 class Status(BaseModel):
     status: str
 

@@ -1,18 +1,23 @@
 """The one command line that serves the service: uvicorn with the service's HTTP protocol and
-flags, and its settings. scripts/serve, the image and the tests all start it this way:
+flags, and its settings, checked first (a misconfigured service exits at once, with one line, before
+any worker starts). scripts/serve, the image and the tests all start it this way:
 
     python server.py [APP] [more uvicorn options]    (APP: app:create_app, a factory)
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
+from logs import configure_logging, flush_logs
 from settings import Settings
+from tokens import make_tokens
 
 APP = "app:create_app"
 PROMETHEUS_FILE = re.compile(r"(counter|gauge_[a-z]+|histogram|summary)_\d+\.db")
@@ -50,8 +55,31 @@ def metrics_directory(settings: Settings) -> Path | None:
     return directory
 
 
+def check(settings: Settings) -> None:
+    """What would stop every worker stops the service here, at once, before uvicorn starts them."""
+    if not (settings.signing_key_file or settings.secret_key):
+        raise ValueError(
+            "neither SIGNING_KEY_FILE nor SECRET_KEY is set: tokens need a key that every worker and replica "
+            "share (docs/tokens.md; scripts/serve makes a development key)"
+        )
+    make_tokens(settings)
+
+
+def fail(message: str, log_format: str) -> NoReturn:
+    """One line, in the format LOG_FORMAT asks for, and a non-zero exit."""
+    configure_logging(log_format if log_format in ("json", "text") else "text")
+    logging.getLogger("users").error("not starting: %s", message)
+    flush_logs()
+    sys.exit(1)
+
+
 def main() -> None:
-    settings = Settings.from_environ()
+    try:
+        settings = Settings.from_environ()
+        configure_logging(settings.log_format)
+        check(settings)
+    except ValueError as exc:
+        fail(str(exc), os.environ.get("LOG_FORMAT", "text"))
     env = dict(os.environ)
     if (directory := metrics_directory(settings)) is not None:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)

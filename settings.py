@@ -16,12 +16,14 @@ from starlette.config import Config
 T = TypeVar("T")
 
 
-def setting(name: str, default: T, parse: Callable[[str], T], meaning: str, shown: str | None = None) -> T:
+def setting(
+    name: str, default: T, parse: Callable[[str], T], meaning: str, shown: str | None = None, secret: bool = False
+) -> T:
     """A field of Settings, read from the environment variable `name`; `shown` is its default as
-    the README says it, where that is not the value itself."""
-    return dataclasses.field(
-        default=default, metadata={"name": name, "parse": parse, "meaning": meaning, "shown": shown}
-    )
+    the README says it, where that is not the value itself. A `secret` may come from a file named
+    by `{name}_FILE` instead (Docker and Kubernetes secrets)."""
+    metadata = {"name": name, "parse": parse, "meaning": meaning, "shown": shown, "secret": secret}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def boolean(value: str) -> bool:
@@ -36,6 +38,12 @@ def optional(value: str) -> str | None:
 
 def comma_separated(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def token_algorithm(value: str) -> str:
+    if value not in ("ES256", "EdDSA", "RS256"):
+        raise ValueError(f"TOKEN_ALGORITHM must be ES256, EdDSA or RS256, not {value!r}")
+    return value
 
 
 def log_format(value: str) -> str:
@@ -56,6 +64,7 @@ class Settings:
         "(`postgresql://app@h1:5432,h2:5432/users?target_session_attrs=read-write`) or SQLAlchemy's "
         "(`?host=h1:5432&host=h2:5432`): the first that takes writes "
         "([docs/high-availability.md](docs/high-availability.md))",
+        secret=True,
     )
     pool_size: int = setting("DB_POOL_SIZE", 10, int, "connections the pool keeps open, per process")
     max_overflow: int = setting(
@@ -96,16 +105,38 @@ class Settings:
         "BODY_TIMEOUT", 10.0, float,
         "seconds a client has to send the whole request body, which is read before any route runs; then 408",
     )
+    signing_key_file: str | None = setting(
+        "SIGNING_KEY_FILE", None, optional,
+        "a PEM file with the private key that signs tokens (P-256 for ES256, Ed25519 for EdDSA, RSA for RS256); "
+        "its public half is published at `/.well-known/jwks.json`. `scripts/serve` makes a development key when "
+        "neither this nor `SECRET_KEY` is set ([docs/tokens.md](docs/tokens.md))",
+    )
+    signing_key_fallback_files: tuple[str, ...] = setting(
+        "SIGNING_KEY_FALLBACK_FILES", (), comma_separated,
+        "comma-separated PEM files (private or public keys) still accepted for checking tokens and published, never "
+        "used to sign: the next key before it signs, the last one until its tokens expire",
+    )
+    token_algorithm: str = setting(
+        "TOKEN_ALGORITHM", "ES256", token_algorithm, "`ES256`, `EdDSA` or `RS256`: what `SIGNING_KEY_FILE` is for"
+    )
+    token_issuer: str = setting(
+        "TOKEN_ISSUER", "http://127.0.0.1:8000", str,
+        "the `iss` of every token, checked on every token: the service's public URL",
+    )
+    token_audience: str = setting("TOKEN_AUDIENCE", "users", str, "the `aud` of every token, checked on every token")
     secret_key: str | None = setting(
         "SECRET_KEY", None, optional,
-        "the HS256 key that signs tokens, at least 32 bytes; the same in every process and replica. Unset, a single "
-        "process makes a random one and logs a warning (tokens then die with the process); with `WEB_CONCURRENCY` "
-        "above 1 it refuses to start",
+        "the HS256 key, at least 32 bytes of 10 or more distinct characters: with no `SIGNING_KEY_FILE`, it signs "
+        "tokens (the single-service mode: whoever holds it can mint tokens); beside one, its tokens are still "
+        "accepted until they expire. Unset as well, a single process makes a random one and logs a warning; "
+        "`server.py` (scripts/serve, the image) refuses to start",
+        secret=True,
     )
     secret_key_fallbacks: tuple[str, ...] = setting(
         "SECRET_KEY_FALLBACKS", (), comma_separated,
-        "comma-separated earlier keys (each at least 32 bytes), still accepted for checking tokens, never for signing "
-        "(see Rotating `SECRET_KEY`)",
+        "comma-separated earlier HS256 keys, still accepted for checking tokens, never for signing (see Rotating "
+        "`SECRET_KEY`)",
+        secret=True,
     )
     access_token_ttl: int = setting("ACCESS_TOKEN_TTL", 900, int, "seconds an access token is valid (15 minutes)")
     refresh_token_ttl: int = setting("REFRESH_TOKEN_TTL", 604800, int, "seconds a refresh token is valid (7 days)")
@@ -164,13 +195,30 @@ class Settings:
         config = Config()  # environment only: no .env file is read
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = config(field.metadata["name"], default=None)
+            name = field.metadata["name"]
+            raw = config(name, default=None)
+            if field.metadata["secret"]:
+                raw = from_file(name, raw, config(f"{name}_FILE", default=None))
             if raw is not None:
                 try:
                     values[field.name] = field.metadata["parse"](raw)
                 except ValueError as exc:
                     raise ValueError(f"{field.metadata['name']}: {exc}") from None
         return cls(**values)
+
+
+def from_file(name: str, value: str | None, path: str | None) -> str | None:
+    """A secret's value, from `{name}_FILE` if that is set (its trailing newline dropped). Errors
+    name the setting, never its value."""
+    if path is None:
+        return value
+    if value is not None:
+        raise ValueError(f"{name} and {name}_FILE are both set: set one of them")
+    try:
+        with open(path) as file:
+            return file.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"{name}_FILE: cannot read {path} ({exc.strerror})") from None
 
 
 def shown(value: object) -> str:
@@ -191,7 +239,10 @@ def readme_table() -> str:
     for field in dataclasses.fields(Settings):
         default = field.metadata["shown"] or f"`{shown(field.default)}`"
         default = "none" if default == "`none`" else default
-        lines.append(f"| `{field.metadata['name']}` | {default} | {field.metadata['meaning']} |")
+        name = f"`{field.metadata['name']}`" + (
+            f" (or `{field.metadata['name']}_FILE`)" if field.metadata["secret"] else ""
+        )
+        lines.append(f"| {name} | {default} | {field.metadata['meaning']} |")
     return "\n".join(lines)
 
 

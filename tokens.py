@@ -1,18 +1,28 @@
-"""Tokens: the access/refresh JWT pair, signed with SECRET_KEY (HS256), checked with it or with one
-of SECRET_KEY_FALLBACKS, each naming its key by a `kid` fingerprint."""
+"""Tokens: the access/refresh JWT pair, with `iss`, `aud` and a `kid` in every one.
+
+Signed with an asymmetric key from SIGNING_KEY_FILE (ES256 by default; EdDSA or RS256), whose
+public half, and its fallbacks', other services fetch from /.well-known/jwks.json; or, in the
+single-service mode, with SECRET_KEY (HS256), which nobody else may hold. With both, the key file
+signs and SECRET_KEY's tokens are still accepted until they expire.
+"""
 
 from __future__ import annotations
 
-import functools
+import base64
 import hashlib
+import json
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from starlette.exceptions import HTTPException
 
 from settings import Settings
@@ -20,7 +30,15 @@ from settings import Settings
 logger = logging.getLogger("users")
 
 TokenType = Literal["access", "refresh"]
-ALGORITHM = "HS256"
+# The JOSE header's `typ` (RFC 9068 for access tokens): a verifier that checks it cannot take a
+# refresh token for an access token, whatever it makes of the claims.
+HEADER_TYPES: dict[TokenType, str] = {"access": "at+jwt", "refresh": "refresh+jwt"}
+ALGORITHMS = ("ES256", "EdDSA", "RS256")
+WEAK_KEY = (
+    "must be at least 32 bytes of 10 or more distinct characters "
+    "(a random key: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+)
+JWKS_MAX_AGE = 300  # seconds a verifier may cache the key set: a new key is published this long before it signs
 
 
 def unauthorized(detail: str) -> HTTPException:
@@ -38,25 +56,95 @@ class Claims:
     generation: int  # the refresh token's place in its family (0 in access tokens)
 
 
-def key_id(key: str) -> str:
-    """A token's `kid`: a short fingerprint that names its key without revealing it."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Key:
+    """A key that signs or verifies tokens: its algorithm, its `kid`, and for an asymmetric key
+    its public half as a JWK (what the key set publishes)."""
+
+    algorithm: str
+    kid: str
+    signing: Any  # what PyJWT signs with: a private key object, or the HS256 secret
+    verifying: Any  # what PyJWT verifies with: the public key object, or the secret
+    jwk: dict[str, str] | None = None  # None for HS256: a secret is never published
+
+
+def key_id(secret: str) -> str:
+    """An HS256 key's `kid`: a short fingerprint that names it without revealing it."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def secret_key(secret: str) -> Key:
+    return Key("HS256", key_id(secret), secret, secret)
+
+
+def thumbprint(jwk: dict[str, str]) -> str:
+    """The RFC 7638 thumbprint: SHA-256 of the key's required members, in order, no white space."""
+    required = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x"), "RSA": ("e", "kty", "n")}[jwk["kty"]]
+    canonical = json.dumps({name: jwk[name] for name in required}, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
+
+def asymmetric_key(pem: bytes, source: str) -> Key:
+    """A key from a PEM file, private or public (a fallback may be either). Its algorithm follows
+    from its type: P-256 is ES256, Ed25519 is EdDSA, RSA (2048 bits or more) is RS256."""
+    try:
+        private: Any = serialization.load_pem_private_key(pem, password=None)
+        public: Any = private.public_key()
+    except (ValueError, TypeError):
+        private = None
+        try:
+            public = serialization.load_pem_public_key(pem)
+        except ValueError:
+            raise ValueError(f"{source}: not a PEM private or public key") from None
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        algorithm, jwk = "ES256", ECAlgorithm.to_jwk(public, as_dict=True)
+    elif isinstance(public, ed25519.Ed25519PublicKey):
+        algorithm, jwk = "EdDSA", OKPAlgorithm.to_jwk(public, as_dict=True)
+    elif isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048:
+        algorithm, jwk = "RS256", RSAAlgorithm.to_jwk(public, as_dict=True)
+    else:
+        raise ValueError(
+            f"{source}: a P-256 (ES256), Ed25519 (EdDSA) or RSA of 2048 bits or more (RS256) key is needed"
+        )
+    public_jwk = {name: str(value) for name, value in jwk.items() if name in ("kty", "crv", "x", "y", "n", "e")}
+    kid = thumbprint(public_jwk)
+    return Key(algorithm, kid, private, public, {**public_jwk, "kid": kid, "alg": algorithm, "use": "sig"})
+
+
+def new_private_key(algorithm: str = "ES256") -> bytes:
+    """A new private key, as PEM (for a development key, or for an operator's rotation)."""
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    if algorithm == "ES256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif algorithm == "EdDSA":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    return bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """Issues and checks the access/refresh JWT pair: HS256, signed with SECRET_KEY, checked with
-    it or with one of SECRET_KEY_FALLBACKS (earlier keys, while a rotation is under way)."""
+    """Issues tokens with `signer`, and checks them with any of `keys` (the signer, fallbacks,
+    and in the migration mode SECRET_KEY), by the `kid` in their header."""
 
-    secret: str
+    signer: Key
     access_ttl: int
     refresh_ttl: int
-    fallbacks: tuple[str, ...] = ()
+    fallbacks: tuple[Key, ...] = ()
+    issuer: str = "http://127.0.0.1:8000"
+    audience: str = "users"
     leeway: float = 30.0  # seconds of clock difference between replicas allowed for iat, nbf and exp
+    keys: dict[str, Key] = field(init=False)
 
-    @functools.cached_property
-    def keys(self) -> dict[str, str]:
-        return {key_id(key): key for key in (self.secret, *self.fallbacks)}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", {key.kid: key for key in (self.signer, *self.fallbacks)})
+
+    def key_set(self) -> dict[str, list[dict[str, str]]]:
+        """The RFC 7517 JWK Set of the public keys that verify tokens (never a private part)."""
+        return {"keys": [key.jwk for key in self.keys.values() if key.jwk is not None]}
 
     def issue(self, user_id: int, version: int, family: str, generation: int) -> dict[str, str]:
         return {
@@ -72,6 +160,8 @@ class Tokens:
     def _encode(self, user_id: int, version: int, family: str, generation: int, token_type: TokenType, ttl: int) -> str:
         now = datetime.now(UTC)
         claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
             "sub": str(user_id),
             "typ": token_type,
             "jti": uuid.uuid4().hex,
@@ -81,17 +171,24 @@ class Tokens:
             "iat": now,
             "exp": now + timedelta(seconds=ttl),
         }
-        return jwt.encode(claims, self.secret, algorithm=ALGORITHM, headers={"kid": key_id(self.secret)})
+        headers = {"kid": self.signer.kid, "typ": HEADER_TYPES[token_type]}
+        return jwt.encode(claims, self.signer.signing, algorithm=self.signer.algorithm, headers=headers)
 
     def check(self, token: str, token_type: TokenType) -> Claims:
         """The token's claims, or a 401 if it is malformed, tampered with, expired, of the wrong type,
-        or signed with a key that is neither SECRET_KEY nor one of its fallbacks."""
+        for another issuer or audience, or signed with a key the service does not hold."""
         try:
+            key = self._key_for(token)
+            required = ["iss", "aud", "sub", "typ", "jti", "fam", "iat", "exp"]
+            if key.algorithm == "HS256" and not {"iss", "aud"} & set(unverified_claims(token)):
+                required = required[2:]  # issued before tokens named an issuer and audience: good until they expire
             claims = jwt.decode(
                 token,
-                self._key_for(token),
-                algorithms=[ALGORITHM],
-                options={"require": ["sub", "typ", "jti", "fam", "iat", "exp"]},
+                key.verifying,
+                algorithms=[key.algorithm],
+                audience=self.audience if "aud" in required else None,
+                issuer=self.issuer if "iss" in required else None,
+                options={"require": required, "verify_aud": "aud" in required},
                 leeway=self.leeway,
             )
         except jwt.ExpiredSignatureError:
@@ -109,49 +206,98 @@ class Tokens:
         expires_at = datetime.fromtimestamp(claims["exp"], UTC)
         return Claims(user_id, token_type, str(claims["jti"]), expires_at, version, str(claims["fam"]), generation)
 
-    def _key_for(self, token: str) -> str:
-        """The key the token's `kid` names. A token without one (a kid-less token) is
-        tried with each key in turn."""
+    def _key_for(self, token: str) -> Key:
+        """The key the token's `kid` names. A token without one is tried with each HS256 key."""
         kid = jwt.get_unverified_header(token).get("kid")
         if kid is None:
             for key in self.keys.values():
+                if key.algorithm != "HS256":
+                    continue
                 try:
-                    jwt.decode(token, key, algorithms=[ALGORITHM], options={"verify_exp": False})
+                    jwt.decode(
+                        token, key.verifying, algorithms=["HS256"], options={"verify_exp": False, "verify_aud": False}
+                    )
                     return key
                 except jwt.InvalidSignatureError:
                     continue
         elif isinstance(kid, str) and kid in self.keys:
             return self.keys[kid]
-        raise jwt.InvalidSignatureError("signed with a key that is neither SECRET_KEY nor one of its fallbacks")
+        raise jwt.InvalidSignatureError("signed with a key that the service does not hold")
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+def check_secret(name: str, secret: str) -> None:
+    """A secret that is plainly not random refuses startup."""
+    if len(secret.encode()) < 32 or len(set(secret)) < 10:
+        raise ValueError(f"{name} {WEAK_KEY}")
 
 
 def make_tokens(settings: Settings) -> Tokens:
-    for fallback in settings.secret_key_fallbacks:
-        if len(fallback.encode()) < 32:
-            raise RuntimeError("Each of SECRET_KEY_FALLBACKS must be at least 32 bytes long, as SECRET_KEY.")
+    """The service's Tokens, from its settings; a ValueError naming the setting (never its value)
+    if a key is missing, unreadable, weak or of the wrong kind."""
+    for secret in settings.secret_key_fallbacks:
+        check_secret("each of SECRET_KEY_FALLBACKS", secret)
+    secrets_ = [secret_key(secret) for secret in settings.secret_key_fallbacks]
+    if settings.secret_key:
+        check_secret("SECRET_KEY", settings.secret_key)
+        secrets_.insert(0, secret_key(settings.secret_key))
+    if settings.signing_key_file:
+        signer = read_key("SIGNING_KEY_FILE", settings.signing_key_file)
+        if signer.signing is None:
+            raise ValueError("SIGNING_KEY_FILE: a private key is needed to sign (this is a public key)")
+        if signer.algorithm != settings.token_algorithm:
+            raise ValueError(
+                f"SIGNING_KEY_FILE: the key is for {signer.algorithm}, TOKEN_ALGORITHM says {settings.token_algorithm}"
+            )
+        fallbacks = [read_key("SIGNING_KEY_FALLBACK_FILES", path) for path in settings.signing_key_fallback_files]
+        # The migration mode: SECRET_KEY's tokens are still good until they expire; none is signed with it.
+        verifying = (*fallbacks, *secrets_)
+    elif secrets_:
+        signer, verifying = secrets_[0], tuple(secrets_[1:])
+    else:
+        signer, verifying = random_secret(settings), ()
     return Tokens(
-        token_secret(settings),
+        signer,
         settings.access_token_ttl,
         settings.refresh_token_ttl,
-        settings.secret_key_fallbacks,
+        tuple(verifying),
+        settings.token_issuer,
+        settings.token_audience,
         settings.token_leeway,
     )
 
 
-def token_secret(settings: Settings) -> str:
-    """SECRET_KEY, or a random key for a single process (with a warning), or a refusal to start."""
-    if settings.secret_key:
-        if len(settings.secret_key.encode()) < 32:
-            raise RuntimeError("SECRET_KEY must be at least 32 bytes long (RFC 7518 asks as much for HS256).")
-        return settings.secret_key
+def read_key(name: str, path: str) -> Key:
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path} ({exc.strerror})") from None
+    return asymmetric_key(pem, name)
+
+
+def random_secret(settings: Settings) -> Key:
+    """No key configured: a random HS256 key for a single process (with a warning)."""
     if settings.web_concurrency > 1:
-        raise RuntimeError(
-            "SECRET_KEY is not set and WEB_CONCURRENCY > 1: each worker would sign tokens with its own "
-            "random key and refuse the others'. Set SECRET_KEY (for example: python -c "
-            "'import secrets; print(secrets.token_urlsafe(32))')."
+        raise ValueError(
+            "neither SIGNING_KEY_FILE nor SECRET_KEY is set and WEB_CONCURRENCY > 1: each worker would sign "
+            "with a random key of its own and refuse the others'"
         )
     logger.warning(
-        "SECRET_KEY is not set: using a random key for this process. Tokens will not survive a restart "
-        "and are not valid in other processes. Set SECRET_KEY in production."
+        "neither SIGNING_KEY_FILE nor SECRET_KEY is set: signing with a random key for this process. Tokens "
+        "will not survive a restart and are not valid in other processes"
     )
-    return secrets.token_urlsafe(32)
+    return secret_key(secrets.token_urlsafe(32))
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python tokens.py PATH [ALGORITHM]: write a new private key (scripts/serve's development key).
+    target = Path(sys.argv[1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.touch(mode=0o600)
+    target.write_bytes(new_private_key(sys.argv[2] if len(sys.argv) > 2 else "ES256"))

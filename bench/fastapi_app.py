@@ -76,7 +76,7 @@ async def signup(request: Request, store: Annotated[UserStore, Depends()]) -> di
 @app.get("/api/users/me")
 async def me(request: Request, store: Annotated[UserStore, Depends()]) -> dict[str, Any]:
     token = request.headers["authorization"].removeprefix("Bearer ")
-    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"])
+    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"], audience="users")
     return public(await store.session.get(User, int(claims["sub"])))
 
 

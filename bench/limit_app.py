@@ -39,7 +39,7 @@ async def get_user(request: Request) -> Response:
 
 async def me(request: Request) -> Response:
     token = request.headers["authorization"].removeprefix("Bearer ")
-    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"])
+    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"], audience="users")
     return answer(await request.state.pool.fetchrow(f"{PUBLIC} WHERE id = $1", int(claims["sub"])))
 
 

@@ -51,7 +51,7 @@ async def get_user(username: str, db_session: AsyncSession) -> dict[str, Any]:
 @get("/api/users/me")
 async def me(request: Request[Any, Any, Any], db_session: AsyncSession) -> dict[str, Any]:
     token = request.headers["authorization"].removeprefix("Bearer ")
-    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"])
+    claims = jwt.decode(token, os.environ["SECRET_KEY"], algorithms=["HS256"], audience="users")
     return public(await db_session.get(User, int(claims["sub"])))
 
 

@@ -43,9 +43,9 @@ import soak  # noqa: E402  (bench/soak.py, beside this file)
 from chaos import PgBouncer, free_port  # noqa: E402
 from migrate import upgrade_schema  # noqa: E402
 from passwords import hasher  # noqa: E402
-from tokens import Tokens  # noqa: E402
+from tokens import Tokens, secret_key  # noqa: E402
 
-SECRET = "bench-secret-" + "b" * 40
+SECRET = "bench-secret-0123456789abcdefghijklmnopqrstuv"  # HS256: the reference apps check it too
 BENCH_FAMILY = "b" * 32
 # The service runs as scripts/serve runs it (server.py: its HTTP protocol, no Server banner, its
 # own request log in place of uvicorn's), with its defaults: request logs and metrics on, the log
@@ -245,7 +245,7 @@ def wrk(url: str, script: str, connections: int, seconds: float, headers: dict[s
 
 
 def measure(app: App, db: Postgres, scenario: str, connections: int, seconds: float, users: int, prefix: str) -> Run:
-    token = Tokens(SECRET, 3600, 3600).issue(1, 0, BENCH_FAMILY, 0)["access_token"]
+    token = Tokens(secret_key(SECRET), 3600, 3600).issue(1, 0, BENCH_FAMILY, 0)["access_token"]
     headers = {"Authorization": f"Bearer {token}"} if scenario == "me" else {}
     samples: list[int] = []
     workers: dict[str, Any] = {}

@@ -28,6 +28,7 @@ import httpx
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SUMMARY: list[dict[str, Any]] = []  # one row a scenario, printed at the end of the run (conftest)
 APP = "app:create_app"
+SECRET_KEY = "faults-secret-0123456789abcdefghijklmnop"  # one key for every process of a test
 
 # Short bounds, so that every wait in these scenarios is visibly bounded.
 TIMEOUTS = {"DB_POOL_TIMEOUT": "2", "DB_CONNECT_TIMEOUT": "2", "DB_COMMAND_TIMEOUT": "3"}
@@ -224,7 +225,7 @@ class ServiceProcess:
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
-            "SECRET_KEY": "faults-" + "k" * 40,
+            "SECRET_KEY": SECRET_KEY,
             "PORT": str(self.port),
             **settings,
         }
