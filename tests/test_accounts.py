@@ -34,8 +34,9 @@ async def test_signin_answers_a_signed_token_pair(client: httpx.AsyncClient) -> 
 
     assert set(tokens) == {"access_token", "refresh_token", "token_type"}
     assert tokens["token_type"] == "bearer"
-    access = jwt.decode(tokens["access_token"], SECRET, algorithms=["HS256"])
-    refresh = jwt.decode(tokens["refresh_token"], SECRET, algorithms=["HS256"])
+    access = jwt.decode(tokens["access_token"], SECRET, algorithms=["HS256"], audience="users")
+    refresh = jwt.decode(tokens["refresh_token"], SECRET, algorithms=["HS256"], audience="users")
+    assert access["iss"] == refresh["iss"] == "http://127.0.0.1:8000"
     user_id = (await client.get("/api/users/alice")).json()["id"]
     assert (access["sub"], access["typ"], refresh["sub"], refresh["typ"]) == (
         str(user_id),

@@ -207,7 +207,7 @@ def test_secrets_come_from_files_with_their_trailing_newline_dropped(
         ({}, "neither SIGNING_KEY_FILE nor SECRET_KEY is set"),
         ({"SIGNING_KEY_FILE": "/nonexistent/key.pem"}, "SIGNING_KEY_FILE: cannot read /nonexistent/key.pem"),
         ({"SIGNING_KEY_FILE": "WRONG_KIND"}, "SIGNING_KEY_FILE: the key is for RS256, TOKEN_ALGORITHM says ES256"),
-        ({"LOG_FORMAT": "json", "SECRET_KEY": "x"}, "SECRET_KEY must be at least 32 bytes"),
+        ({"LOG_FORMAT": "json", "SECRET_KEY": "tiny-secret-9"}, "SECRET_KEY must be at least 32 bytes"),
     ],
 )
 def test_a_misconfigured_service_exits_at_once_with_one_line_naming_the_setting(
