@@ -4,9 +4,6 @@ rewrite existing rows do it right, or stop and say why."""
 from __future__ import annotations
 
 import ast
-import asyncio
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy.exc import IntegrityError
 
-from conftest import PROJECT_DIR, DirectDatabase, in_thread, postgres_admin, postgres_dsn
+from conftest import PROJECT_DIR, DirectDatabase, in_thread
 from migrate import SchemaRevisions, alembic_config, downgrade_schema, upgrade_schema
 
 pytestmark = pytest.mark.anyio
@@ -40,21 +37,6 @@ async def test_every_migration_runs_up_and_down_from_an_empty_database(unmigrate
     assert await db.scalar("SELECT version_num FROM alembic_version") == HEAD
 
 
-@pytest.fixture
-def url_at_0002(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A database migrated to 0002 only (before email_key)."""
-    if database_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        in_thread(upgrade_schema, url, "0002")
-        yield url
-        return
-    name = f"users_old_{uuid.uuid4().hex[:12]}"
-    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
-    in_thread(upgrade_schema, postgres_dsn(name), "0002")
-    yield postgres_dsn(name)
-    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
 async def insert_users(db: DirectDatabase, emails: list[str]) -> None:
     for i, email in enumerate(emails):
         await db.execute(
@@ -63,7 +45,9 @@ async def insert_users(db: DirectDatabase, emails: list[str]) -> None:
         )
 
 
-async def test_the_migration_gives_existing_rows_their_email_key(url_at_0002: str) -> None:
+async def test_the_migration_gives_existing_rows_their_email_key(unmigrated_url: str) -> None:
+    url_at_0002 = unmigrated_url
+    in_thread(upgrade_schema, url_at_0002, "0002")  # before email_key
     db = DirectDatabase(url_at_0002)
     await insert_users(db, ["Alice@Example.com", "ÉLISE@example.com", "bob@example.com"])
     await db.execute("DELETE FROM users WHERE username = 'old2'")  # the highest id, deleted
@@ -98,22 +82,9 @@ async def test_the_migration_stops_on_addresses_that_fold_to_the_same_key(tmp_pa
     assert await db.scalar("SELECT version_num FROM alembic_version") == HEAD
 
 
-@pytest.fixture
-def url_at_0004(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A database migrated to 0004 only (before usernames had a case-folded key)."""
-    if database_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        in_thread(upgrade_schema, url, "0004")
-        yield url
-        return
-    name = f"users_old_{uuid.uuid4().hex[:12]}"
-    in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
-    in_thread(upgrade_schema, postgres_dsn(name), "0004")
-    yield postgres_dsn(name)
-    in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def test_the_migration_stops_on_usernames_that_differ_only_in_case(url_at_0004: str) -> None:
+async def test_the_migration_stops_on_usernames_that_differ_only_in_case(unmigrated_url: str) -> None:
+    url_at_0004 = unmigrated_url
+    in_thread(upgrade_schema, url_at_0004, "0004")  # before usernames had a case-folded key
     db = DirectDatabase(url_at_0004)
     for i, name in enumerate(["Alice", "alice", "bob"]):
         await db.execute(
