@@ -48,6 +48,15 @@ if not POSTGRES_URL and os.environ.get("CI") == "true":
     raise pytest.UsageError("TEST_DATABASE_URL is not set: in CI, PostgreSQL must be tested (use scripts/test).")
 
 
+# The longest tests (real processes, clusters, the fuzzer) go first, so that under pytest-xdist
+# the short ones fill the workers around them instead of one long test starting last.
+LONG = ("faults", "ha", "pgbouncer", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not any(item.get_closest_marker(name) for name in LONG))
+
+
 def pytest_report_header() -> str:
     return f"databases: {', '.join(BACKENDS)}" + ("" if POSTGRES_URL else " (PostgreSQL NOT tested)")
 
