@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from asyncpg.exceptions import TargetServerAttributeNotMatched
+from asyncpg.exceptions import InternalClientError, TargetServerAttributeNotMatched
 from sqlalchemy import event
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -146,8 +146,12 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, DBAPIError):
         return False
-    if exc.connection_invalidated or isinstance(getattr(exc.orig, "__cause__", None), TargetServerAttributeNotMatched):
-        return True  # ...or no host takes writes yet (target_session_attrs=read-write, mid-failover)
+    # ...or no host takes writes yet (target_session_attrs=read-write, mid-failover), or asyncpg's
+    # protocol lost its state on a connection the server ended as it was being set up.
+    if exc.connection_invalidated or isinstance(
+        getattr(exc.orig, "__cause__", None), TargetServerAttributeNotMatched | InternalClientError
+    ):
+        return True
     sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
     if sqlite_error is not None:
         return str(sqlite_error).startswith(UNAVAILABLE_SQLITE_ERRORS)

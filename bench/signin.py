@@ -36,7 +36,7 @@ async def main(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         url = f"sqlite+aiosqlite:///{Path(directory) / 'users.db'}"
         await anyio.to_thread.run_sync(upgrade_schema, url)
-        app = create_app(Settings(database_url=url, secret_key="bench-" + "x" * 40))
+        app = create_app(Settings(database_url=url, secret_key="bench-signin-secret-0123456789abcdef"))
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://users") as client:

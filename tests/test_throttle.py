@@ -29,7 +29,7 @@ PASSWORD = "Kiwi-Tango-57"
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, secret_key="throttle-" + "k" * 40)
+    return Settings(database_url=database_url, secret_key="throttle-secret-0123456789abcdefghijklmnop")
 
 
 @pytest.fixture
