@@ -41,9 +41,10 @@ sys.path.insert(0, str(PROJECT / "tests"))  # chaos.py: free_port, PgBouncer
 import soak  # noqa: E402  (bench/soak.py, beside this file)
 
 from chaos import PgBouncer, free_port  # noqa: E402
+from keys import secret_key  # noqa: E402
 from migrate import upgrade_schema  # noqa: E402
 from passwords import hasher  # noqa: E402
-from tokens import Tokens, secret_key  # noqa: E402
+from tokens import Tokens  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdefghijklmnopqrstuv"  # HS256: the reference apps check it too
 BENCH_FAMILY = "b" * 32

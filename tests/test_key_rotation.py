@@ -20,8 +20,9 @@ from starlette.exceptions import HTTPException
 from app import create_app
 from chaos import ServiceProcess
 from conftest import assert_401, bearer, sign_up_and_in
+from keys import key_id, secret_key
 from settings import Settings
-from tokens import Tokens, key_id, make_tokens, secret_key
+from tokens import Tokens, make_tokens
 
 pytestmark = pytest.mark.anyio
 # --- key rotation -----------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from starlette.applications import Starlette
 from app import create_app
 from clusters import StartService
 from conftest import PROJECT_DIR, bearer, sign_up_and_in
+from keys import new_private_key, thumbprint
 from settings import Settings
-from tokens import new_private_key, thumbprint
 
 pytestmark = pytest.mark.anyio
 
