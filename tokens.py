@@ -170,10 +170,10 @@ def make_tokens(settings: Settings) -> Tokens:
         fallbacks = [read_key("SIGNING_KEY_FALLBACK_FILES", path) for path in settings.signing_key_fallback_files]
         # The migration mode: SECRET_KEY's tokens are still good until they expire; none is signed with it.
         verifying = (*fallbacks, *secrets_)
-    elif secrets_:
+    elif settings.secret_key:
         signer, verifying = secrets_[0], tuple(secrets_[1:])
-    else:
-        signer, verifying = random_secret(settings), ()
+    else:  # fallbacks never sign, even alone
+        signer, verifying = random_secret(settings), tuple(secrets_)
     return Tokens(
         signer,
         settings.access_token_ttl,

@@ -147,3 +147,9 @@ def test_the_leeway_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.from_environ()
     assert settings.token_leeway == 5
     assert make_tokens(replace(settings, secret_key=NEW_KEY)).leeway == 5
+
+
+def test_fallbacks_alone_never_sign() -> None:
+    tokens = make_tokens(Settings(secret_key_fallbacks=(OLD_KEY,)))
+    assert tokens.signer.kid != key_id(OLD_KEY)
+    assert key_id(OLD_KEY) in tokens.keys  # still accepted for checking
