@@ -22,7 +22,8 @@ COPY migrations ./migrations
 COPY scripts/container-start ./scripts/container-start
 
 USER 10001:10001
-ENV HOST=0.0.0.0 PORT=8000 FORWARDED_ALLOW_IPS=127.0.0.1 LOG_FORMAT=json
+# No proxy header is trusted unless FORWARDED_ALLOW_IPS names the load balancer (docs/deploy.md).
+ENV HOST=0.0.0.0 PORT=8000 LOG_FORMAT=json
 EXPOSE 8000
 
 # Liveness only (no database): the image has no curl, so ask Python.

@@ -16,11 +16,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from auth import authenticate, bad_credentials, no_longer_valid, revoked, token_claims
+from breaches import BREACHED
 from db import Database, database, transaction
-from errors import error_response, field_error
+from errors import ProofRefused, error_response, field_error
 from models import User
 from openapi import BODY_ERRORS, Operation
-from passwords import hash_password, needs_rehash, verify_password
+from passwords import hash_password, verify_password
 from resources import resources
 from schemas import (
     AccountDeletion,
@@ -28,18 +29,22 @@ from schemas import (
     PrivateProfile,
     ProfileUpdate,
     Signin,
+    SigninTokens,
     Signup,
     TokenPair,
     model_response,
     read_json_body,
 )
 from stores import TokenFamilyStore, UserStore, taken_key
-from throttle import Attempt, count_attempt
+from throttle import Attempt, Rule, address_key, count_attempt, count_signup, signin_rules
 from tokens import Claims
 
 
 async def signup(request: Request) -> Response:
-    data = Signup.model_validate_json(await read_json_body(request))
+    data = Signup.model_validate_json(await read_json_body(request), context=resources(request).password_rules)
+    await count_signup(request)  # a 429 here costs no hash
+    if await resources(request).breaches.breached(data.password):
+        raise field_error("password", BREACHED)
     password_hash = await hash_password(data.password, resources(request).hash_limiter)
     store = UserStore(request.state.session)
     try:
@@ -52,24 +57,28 @@ async def signup(request: Request) -> Response:
 
 async def signin(request: Request) -> Response:
     data = Signin.model_validate_json(await read_json_body(request))
-    attempt = await count_attempt(request, data.username)  # a 429 here costs no hash
+    found = resources(request)
     # A short read of its own, so that no connection or transaction is held while the hash runs.
     async with transaction(database(request).reads) as session:
         user = await UserStore(session).get_by_username(data.username)
-    limiter = resources(request).hash_limiter
-    if not await verify_password(user.password_hash if user else None, data.password, limiter):
+    device = found.tokens.device(data.device_token, user.id) if user else None
+    account = user.username_key if user else data.username.lower()
+    rules = signin_rules(found.settings, address_key(request), account, device)
+    attempt = await count_attempt(request, rules)  # a 429 here costs no hash
+    matches, rehash = await verify_password(user.password_hash if user else None, data.password, found.hash_limiter)
+    if not matches:
         raise bad_credentials()
     assert user is not None
-    new_hash = await hash_password(data.password, limiter) if needs_rehash(user.password_hash) else None
+    new_hash = await hash_password(data.password, found.hash_limiter) if rehash else None
     # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
     version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
     if version is None:
         raise bad_credentials()
-    tokens = resources(request).tokens
     family = uuid.uuid4().hex  # this signin's tokens, refreshed or not, are one family
-    await TokenFamilyStore(request.state.session).start(family, user.id, tokens.family_expiry())
+    await TokenFamilyStore(request.state.session).start(family, user.id, found.tokens.family_expiry())
     await attempt.succeeded(request.state.session, clear=True)
-    return model_response(TokenPair.model_validate(tokens.issue(user.id, version, family, 0)), private=True)
+    pair = found.tokens.issue(user.id, version, family, 0)
+    return model_response(SigninTokens(**pair, device_token=found.tokens.device_token(user.id)), private=True)
 
 
 async def end_family(db: Database, claims: Claims) -> None:
@@ -134,19 +143,26 @@ async def get_me(request: Request) -> Response:
     return model_response(PrivateProfile.model_validate(user), private=True)
 
 
-async def check_own_password(request: Request, claims: Claims, password: str, field: str) -> tuple[User, Attempt]:
-    """Re-authentication, for what cannot be undone: the token's user, if `password` is theirs;
-    otherwise a 400 with a field error on `field` (the token was good, so not a 401: a client that
-    treats 401 as "signed out" would drop its session over a typo). Counted by the throttle like a
-    signin; holds nothing while the hash runs."""
+async def token_user(request: Request, claims: Claims) -> User:
+    """The user an access token names, read in a short transaction of its own (so that nothing is
+    held while a hash runs); a 401 if the token no longer holds."""
     async with transaction(database(request).reads) as session:
         user = await UserStore(session).current(claims.user_id, claims.version, claims.family)
     if user is None:
         raise no_longer_valid()
-    attempt = await count_attempt(request, user.username)
-    if not await verify_password(user.password_hash, password, resources(request).hash_limiter):
-        raise field_error(field, "is not your current password")
-    return user, attempt
+    return user
+
+
+async def prove_password(request: Request, user: User, password: str, field: str) -> Attempt:
+    """Re-authentication, for what cannot be undone: nothing, if `password` is the user's; otherwise
+    a 403 naming `field` (the token was good, so not a 401: a client that treats 401 as "signed out"
+    would drop its session over a typo). Counted by the throttle like a signin."""
+    settings = resources(request).settings
+    attempt = await count_attempt(request, signin_rules(settings, address_key(request), user.username_key))
+    matches, _ = await verify_password(user.password_hash, password, resources(request).hash_limiter)
+    if not matches:
+        raise ProofRefused(field, "is not your current password")
+    return attempt
 
 
 async def update_me(request: Request) -> Response:
@@ -155,10 +171,13 @@ async def update_me(request: Request) -> Response:
     changes = data.model_dump(exclude_unset=True, exclude={"password"})
     attempts = []
     if data.password is not None:  # required with an email: a stolen token must not move the account
-        user, attempt = await check_own_password(request, claims, data.password, "password")
-        attempts.append(attempt)
+        user = await token_user(request, claims)
+        attempts.append(await prove_password(request, user, data.password, "password"))
         if "email" in changes:  # "Email already exists" tells whether an address is registered: counted too
-            attempts.append(await count_attempt(request, user.username, "email"))
+            settings = resources(request).settings
+            rule = Rule("email", address_key(request), user.username_key, settings.signin_failure_limit,
+                        settings.signin_failure_window)  # fmt: skip
+            attempts.append(await count_attempt(request, [rule]))
     try:
         updated = await UserStore(request.state.session).update(claims.user_id, claims.version, claims.family, changes)
     except IntegrityError:
@@ -172,11 +191,15 @@ async def update_me(request: Request) -> Response:
 
 async def change_password(request: Request) -> Response:
     claims = token_claims(request, "access")
-    data = PasswordChange.model_validate_json(await read_json_body(request))
-    user, attempt = await check_own_password(request, claims, data.old_password, "old_password")
-    if data.new_password.casefold() == user.username.casefold():
-        raise field_error("new_password", "must not be your username")
-    new_hash = await hash_password(data.new_password, resources(request).hash_limiter)
+    found = resources(request)
+    data = PasswordChange.model_validate_json(await read_json_body(request), context=found.password_rules)
+    user = await token_user(request, claims)
+    if refusal := found.password_rules.context_refusal(data.new_password, user.username, user.email):
+        raise field_error("new_password", refusal)
+    if await found.breaches.breached(data.new_password):
+        raise field_error("new_password", BREACHED)
+    attempt = await prove_password(request, user, data.old_password, "old_password")
+    new_hash = await hash_password(data.new_password, found.hash_limiter)
     # Only if the token still holds: a racing change or deletion that committed first makes this
     # one fail (and has ended this token) instead of being overwritten.
     store = UserStore(request.state.session)
@@ -191,7 +214,7 @@ async def delete_me(request: Request) -> Response:
     claims = token_claims(request, "access")
     body = await request.body()  # no body at all is a missing password, not a wrong content type
     data = AccountDeletion.model_validate_json(await read_json_body(request) if body else b"{}")
-    _, attempt = await check_own_password(request, claims, data.password, "password")
+    attempt = await prove_password(request, await token_user(request, claims), data.password, "password")
     if not await UserStore(request.state.session).delete(claims.user_id, claims.version, claims.family):
         raise no_longer_valid()
     await attempt.succeeded(request.state.session, clear=True)
@@ -210,11 +233,11 @@ SIGNUP_LINKS = {
 OPERATIONS = (
     Operation(
         "POST", "/api/users/signup", signup, "signup", "Create a user", "accounts", 201, PrivateProfile,
-        (*BODY_ERRORS, 409), body=Signup, links=SIGNUP_LINKS,
+        (*BODY_ERRORS, 409, 429), body=Signup, links=SIGNUP_LINKS,
     ),
     Operation(
         "POST", "/api/users/signin", signin, "signin", "Sign in: get an access and a refresh token", "accounts",
-        200, TokenPair, (*BODY_ERRORS, 401, 429), body=Signin,
+        200, SigninTokens, (*BODY_ERRORS, 401, 429), body=Signin,
     ),
     Operation(
         "POST", "/api/users/refresh", refresh, "refresh",
@@ -233,18 +256,24 @@ OPERATIONS = (
     Operation(
         "PATCH", "/api/users/me", update_me, "updateMe",
         "Change your email (with your password), address or phone number", "accounts", 200, PrivateProfile,
-        (*BODY_ERRORS, 401, 409, 429), body=ProfileUpdate, auth=True,
-        error_notes={400: "The body is malformed, a field is invalid, or password is missing or wrong; no change."},
+        (*BODY_ERRORS, 401, 403, 409, 429), body=ProfileUpdate, auth=True,
+        error_notes={
+            400: "The body is malformed, a field is invalid, or password is missing; no change.",
+            403: "password is not your current password; no change.",
+        },
     ),
     Operation(
         "DELETE", "/api/users/me", delete_me, "deleteMe", "Delete your account (takes its password)", "accounts",
-        204, None, (*BODY_ERRORS, 401, 429), body=AccountDeletion, auth=True,
-        error_notes={400: "The body is malformed, or password is missing or wrong; nothing was written."},
+        204, None, (*BODY_ERRORS, 401, 403, 429), body=AccountDeletion, auth=True,
+        error_notes={
+            400: "The body is malformed, or password is missing; nothing was written.",
+            403: "password is not your current password; nothing was written.",
+        },
     ),
     Operation(
         "PUT", "/api/users/me/password", change_password, "changePassword",
-        "Change your password (every session ends)", "accounts", 204, None, (*BODY_ERRORS, 401, 429),
+        "Change your password (every session ends)", "accounts", 204, None, (*BODY_ERRORS, 401, 403, 429),
         body=PasswordChange, auth=True,
-        error_notes={400: "The body is malformed, a field is invalid, or old_password is wrong; nothing was written."},
+        error_notes={403: "old_password is not your current password; nothing was written."},
     ),
 )  # fmt: skip

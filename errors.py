@@ -36,11 +36,20 @@ def error_response(
 
 
 def field_error(field: str, message: str) -> ValidationError:
-    """A 400 with a field error, for a rule that only the database or a hash can check (rendered
-    by validation_error, as the models' own errors are)."""
+    """A 400 with a field error, for a rule that needs what the body does not hold (rendered by
+    validation_error, as the models' own errors are)."""
     return ValidationError.from_exception_data(
         "Input", [{"type": "value_error", "loc": (field,), "input": None, "ctx": {"error": ValueError(message)}}]
     )
+
+
+class ProofRefused(HTTPException):
+    """A well-formed request whose proof is wrong (a current password): 403, naming the field. Not
+    a 401, which would tell a client that its token is bad, nor a 400: the request is valid."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(403, "The request is valid, but its proof was refused; nothing was changed.")
+        self.errors = [{"field": field, "message": message}]
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -48,6 +57,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     detail = exc.detail
     if detail == HTTPStatus(exc.status_code).phrase:  # Starlette's own 404/405: make it a sentence
         detail = HTTPStatus(exc.status_code).description + "."
+    if isinstance(exc, ProofRefused):
+        return error_response(exc.status_code, detail, errors=exc.errors)
     return error_response(exc.status_code, detail, headers=exc.headers)
 
 

@@ -17,12 +17,15 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 
+from breaches import BreachCheck
 from db import Database
 from engine import make_engine, reads_in_autocommit
 from logs import flush_logs, flush_logs_periodically
 from metrics import Metrics
 from migrate import SchemaRevisions
+from password_rules import PasswordRules, blocklist
 from passwords import hash_limiter
+from protocol import log_accept_failures_once_in_a_while
 from resources import Resources
 from settings import Settings
 from tokens import Tokens
@@ -41,7 +44,11 @@ def lifespan(settings: Settings, tokens: Tokens, metrics: Metrics | None) -> Lif
         if metrics is not None:
             metrics.watch_pool(engine.sync_engine)
         database = Database.on(engine, autocommit_reads=autocommit, close_timeout=settings.command_timeout)
+        breaches = BreachCheck(settings.pwned_passwords_url, settings.pwned_passwords_fail_closed, metrics)
+        rules = PasswordRules(settings.password_min_length, settings.service_name)
+        blocklist(rules.min_length)  # made now, not at the first signup
         flusher = asyncio.create_task(flush_logs_periodically())
+        log_accept_failures_once_in_a_while(asyncio.get_running_loop())
         # What start-up made (modules, models, compiled statements) lives as long as the process:
         # kept out of the collector's way, so that its collections stop walking all of it again.
         gc.collect()
@@ -51,7 +58,14 @@ def lifespan(settings: Settings, tokens: Tokens, metrics: Metrics | None) -> Lif
                 yield {
                     "database": database,
                     "resources": Resources(
-                        settings, tokens, hash_limiter(), SchemaRevisions.from_migrations(), metrics, draining
+                        settings,
+                        tokens,
+                        hash_limiter(),
+                        SchemaRevisions.from_migrations(),
+                        metrics,
+                        draining,
+                        rules,
+                        breaches,
                     ),
                 }
             finally:
@@ -60,6 +74,7 @@ def lifespan(settings: Settings, tokens: Tokens, metrics: Metrics | None) -> Lif
                     await engine.dispose()
                 if bound.cancelled_caught:
                     logger.warning("closing the pool took over %s s; exiting anyway", settings.command_timeout)
+                await breaches.close()
                 if metrics is not None:
                     metrics.process_ended()
                 flusher.cancel()

@@ -15,6 +15,9 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s request_id=%(request_id)s"
 JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
 FLUSH_SECONDS = 0.2
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators, as \xHH or \uHHHH: a field
+# (a path with %0a in it, say) cannot start a line of its own.
+ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class RequestIdFilter(logging.Filter):
@@ -26,7 +29,8 @@ class RequestIdFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """logging's own text format, with the timestamp's seconds formatted once per second."""
+    """logging's own text format, one line a record whatever its fields hold (a traceback follows
+    on lines of its own), with the timestamp's seconds formatted once per second."""
 
     _second: int | None = None
     _stamp = ""
@@ -36,6 +40,9 @@ class TextFormatter(logging.Formatter):
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         return f"{self._stamp},{int(record.msecs):03d}"
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(ESCAPES)
 
 
 class StdoutHandler(logging.Handler):

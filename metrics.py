@@ -58,6 +58,10 @@ class Metrics:
         self.unavailable = Counter(
             "db_unavailable_total", "Answers that said 503: the database was unavailable.", registry=registry
         )
+        self.breach_check_failures = Counter(
+            "password_breach_check_failures_total", "Breached-password checks that got no answer from the range API.",
+            registry=registry,
+        )  # fmt: skip
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._outcomes: dict[str, Any] = {}
 

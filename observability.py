@@ -11,6 +11,7 @@ import uuid
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from addresses import client_address
 from logs import request_id
 from metrics import Metrics
 
@@ -92,14 +93,13 @@ def log_request(scope: Scope, route: str, status: int, seconds: float) -> None:
     level = logging.ERROR if status >= 500 else logging.WARNING if status == 0 else logging.INFO
     if not access_logger.isEnabledFor(level):
         return
-    client = scope.get("client")
     fields = {
         "method": scope["method"],
         "route": route,
         "path": scope["path"],
         "status": status,
         "duration_ms": round(seconds * 1000, 3),
-        "client": client[0] if client else None,
+        "client": client_address(scope),  # canonical: a proxy header cannot put words in the log
     }
     # makeLogRecord, not logger.info: the caller's file and line (a walk up the stack) are of no
     # use in a line per request.
@@ -109,7 +109,7 @@ def log_request(scope: Scope, route: str, status: int, seconds: float) -> None:
             "levelno": level,
             "levelname": logging.getLevelName(level),
             "msg": ACCESS_FORMAT,
-            "args": (fields["method"], fields["path"], status, fields["duration_ms"], route, fields["client"] or "-"),
+            "args": (fields["method"], fields["path"], status, fields["duration_ms"], route, fields["client"]),
             **fields,
         }
     )

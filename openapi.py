@@ -19,17 +19,21 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from schemas import COMMON_PASSWORD_RULE, Error, common_password_pattern
+from password_rules import PasswordRules, blocklist_pattern
+from resources import resources
+from schemas import Error
 
 ERRORS = {
     400: "The body or query is malformed or a field is invalid; nothing was written.",
     401: "The bearer token is missing, malformed, expired, revoked or of the wrong type.",
+    403: "A proof the request carries (the current password) is wrong; nothing was written.",
     404: "No such user.",
     408: "The body did not arrive within BODY_TIMEOUT seconds; nothing was written.",
     409: "The username or email is taken; nothing was written.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not sent as application/json.",
-    429: "Too many failed attempts from this address; retry after Retry-After seconds. Nothing was checked.",
+    429: "Too many attempts from this address or for this account; retry after Retry-After seconds. Nothing was "
+    "checked.",
     500: "An internal error, or the commit failed; nothing was written unless the outcome is in doubt.",
     503: "The database cannot be reached or has no free connection; retry after Retry-After seconds.",
 }
@@ -89,7 +93,7 @@ def by_method(endpoints: dict[str, Endpoint]) -> Endpoint:
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(openapi_document(request.app.state.operations))
+    return JSONResponse(openapi_document(request.app.state.operations, resources(request).password_rules))
 
 
 OPENAPI = Operation(
@@ -143,9 +147,26 @@ def _operation(op: Operation, ref: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     return document
 
 
+COMMON_PASSWORD = {"$ref": "#/components/schemas/CommonPassword"}
+
+
+def _password_rules(definitions: dict[str, Any], rules: PasswordRules) -> None:
+    """The rules of the service's settings on each new password (those that refuse the blocklist)."""
+    for model in definitions.values():
+        for schema in model.get("properties", {}).values():
+            if schema.get("not") == COMMON_PASSWORD:
+                schema["minLength"] = rules.min_length
+                schema["description"] = (
+                    f"{rules.min_length} to {schema['maxLength']} characters of any kind (no control characters), "
+                    f"compared in Unicode's NFKC form; not one of the most common passwords (CommonPassword), and "
+                    f"not containing your username, the name of your email address or {rules.service_name!r}."
+                )
+
+
 @functools.cache
-def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
-    """The document of these operations and of /openapi.json itself."""
+def openapi_document(operations: tuple[Operation, ...], rules: PasswordRules) -> dict[str, Any]:
+    """The document of these operations and of /openapi.json itself, with the password rules of
+    the service's settings."""
     operations = (*operations, OPENAPI)
     inputs = dict.fromkeys(op.body for op in operations if op.body is not None)
     outputs: dict[type[BaseModel], None] = dict.fromkeys([*(op.response for op in operations if op.response), Error])
@@ -154,6 +175,7 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
         *((model, "serialization") for model in outputs),
     ]
     keys, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    _password_rules(definitions["$defs"], rules)
     ref: dict[Any, dict[str, Any]] = {model: schema for (model, _mode), schema in keys.items()}
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
@@ -174,8 +196,8 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
                 **definitions["$defs"],
                 "CommonPassword": {
                     "type": "string",
-                    "pattern": common_password_pattern(),
-                    "description": f"A password that is {COMMON_PASSWORD_RULE}.",
+                    "pattern": blocklist_pattern(rules.min_length),
+                    "description": "One of the most common passwords (zxcvbn's list), in any case.",
                 },
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
@@ -183,7 +205,6 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
     }
 
 
-# --- /docs: Swagger UI, served by the service itself ---------------------------------------------
 # --- /docs: Swagger UI, served by the service itself ---------------------------------------------
 
 DOCS_PAGE = """<!doctype html>

@@ -3,6 +3,8 @@ Prometheus metrics."""
 
 from __future__ import annotations
 
+import hmac
+
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
@@ -49,9 +51,18 @@ async def jwks(request: Request) -> Response:
 
 
 async def prometheus_metrics(request: Request) -> Response:
-    """The Prometheus text format; touches no database connection (the pool gauges are counters)."""
-    metrics = resources(request).metrics
+    """The Prometheus text format; touches no database connection (the pool gauges are counters).
+    With METRICS_TOKEN, only for a request that bears it."""
+    metrics, token = resources(request).metrics, resources(request).settings.metrics_token
     assert metrics is not None  # the route exists only with METRICS on
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(
+                401,
+                "The metrics need the METRICS_TOKEN bearer token.",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
     return Response(metrics.exposition(), media_type=metrics.content_type)
 
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import anyio
 from starlette.requests import Request
 
+from breaches import BreachCheck
 from metrics import Metrics
 from migrate import SchemaRevisions
+from password_rules import PasswordRules
 from settings import Settings
 from tokens import Tokens
 
@@ -23,6 +25,8 @@ class Resources:
     schema: SchemaRevisions  # what /readyz compares the database with
     metrics: Metrics | None  # None with METRICS=false
     draining: threading.Event  # set by SIGTERM: /readyz answers 503 from then on
+    password_rules: PasswordRules  # what a new password must meet (the validation context of its models)
+    breaches: BreachCheck  # the breached-password lookup (does nothing without PWNED_PASSWORDS_URL)
 
 
 def resources(request: Request) -> Resources:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import re
 from datetime import datetime
-from itertools import permutations
 from typing import Annotated, Any, Literal
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
@@ -15,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -25,47 +23,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from headers import NO_STORE
+from password_rules import MAX_LENGTH, PasswordRules, normalized
 
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
 RESERVED_USERNAMES = ("me", "signup", "signin", "refresh", "signout")
 USERNAME_PATTERN = r"^[a-zA-Z0-9_-]{3,20}$"
 PHONE_PATTERN = r"^010[0-9]{8}$"
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
-# At least two of: uppercase, lowercase, digit, other (a printable character that is none of them).
-# Written without lookaheads so that Python, Rust (pydantic-core) and JSON Schema regexes agree.
-_CLASSES = ("A-Z", "a-z", "0-9", r"^A-Za-z0-9\x00-\x1f\x7f")
-_ANY = r"[^\x00-\x1f\x7f]*"
-PASSWORD_PATTERN = "^(?:{}){}$".format("|".join(f"{_ANY}[{a}]{_ANY}[{b}]" for a, b in permutations(_CLASSES, 2)), _ANY)
-
-# The most common passwords: the first 1,000 of zxcvbn's list (xato's 30,000 most used passwords,
-# by frequency), in any mix of case, with up to four digits or symbols added ("Password1!"). One
-# regular expression, so that the OpenAPI document can state the very rule the code applies.
-COMMON_PASSWORDS = 1000
-COMMON_SUFFIX = r"[0-9!@#$%^&*._?+=-]{0,4}"
-COMMON_PASSWORD_RULE = "one of the most common passwords, or one with a few digits or symbols added: choose another"
 
 
-@functools.cache
-def common_password_pattern() -> str:
-    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # slow to import: only when first needed
-
-    def any_case(word: str) -> str:  # [Pp][Aa]..., and \xHH for symbols: the same in Python, Rust and ECMA
-        return "".join(
-            f"[{c.upper()}{c.lower()}]" if c.isalpha() else c if c.isdigit() else f"\\x{ord(c):02x}" for c in word
-        )
-
-    words = sorted({w for w in FREQUENCY_LISTS["passwords"][:COMMON_PASSWORDS] if w.isascii()}, key=len, reverse=True)
-    return "^(?:" + "|".join(map(any_case, words)) + ")" + COMMON_SUFFIX + "$"
-
-
-@functools.cache
-def _common_password() -> re.Pattern[str]:
-    return re.compile(common_password_pattern())
-
-
-def _not_common(password: str) -> str:
-    if _common_password().match(password):
-        raise ValueError(f"this is {COMMON_PASSWORD_RULE}")
+def _password_rules(password: str, info: ValidationInfo) -> str:
+    """The length rule and the blocklist, with the service's settings (the validation context's
+    PasswordRules: routes pass theirs)."""
+    rules = info.context if isinstance(info.context, PasswordRules) else PasswordRules()
+    if (refusal := rules.refusal(password)) is not None:
+        raise ValueError(refusal)
     return password
 
 
@@ -79,15 +51,21 @@ Username = Annotated[str, StringConstraints(pattern=USERNAME_PATTERN)]
 NewUsername = Annotated[
     Username, AfterValidator(_not_reserved), Field(json_schema_extra={"not": {"enum": list(RESERVED_USERNAMES)}})
 ]
+# Any characters but control characters (no composition rule); the minimum length and the blocklist
+# come from the service's PasswordRules (and reach the document through openapi.py).
 Password = Annotated[
     str,
-    StringConstraints(min_length=8, max_length=64, pattern=PASSWORD_PATTERN),
-    AfterValidator(_not_common),
+    StringConstraints(max_length=MAX_LENGTH, pattern=NO_CONTROL_CHARACTERS),
+    AfterValidator(_password_rules),
     Field(json_schema_extra={"not": {"$ref": "#/components/schemas/CommonPassword"}}),
 ]
 Address = Annotated[str, StringConstraints(max_length=100, pattern=NO_CONTROL_CHARACTERS)]
 PhoneNumber = Annotated[str, StringConstraints(pattern=PHONE_PATTERN)]
 AnyPassword = Annotated[str, StringConstraints(max_length=100)]  # checked against the hash, not the rules
+
+
+def _absent_default(schema: dict[str, Any]) -> None:
+    del schema["default"]  # absent, not null: a null default would contradict the field's type
 
 
 class Input(BaseModel):
@@ -110,7 +88,6 @@ SPECIAL_USE_DOMAIN = r"\.(?:{})$".format(
 # What each pattern means, for error messages a person can act on.
 PATTERN_RULES = {
     USERNAME_PATTERN: "use 3 to 20 letters, digits, '_' or '-'",
-    PASSWORD_PATTERN: "use at least two of: uppercase, lowercase, digit, other (no control characters)",
     PHONE_PATTERN: "use 010 followed by 8 digits",
     NO_CONTROL_CHARACTERS: "control characters are not allowed",
     EMAIL_PATTERN: "use an address such as name@example.com (no quotes, no IP address after the @)",
@@ -132,15 +109,20 @@ Email = Annotated[
 ]
 
 
+def context_error(field: str, refusal: str) -> PydanticCustomError:
+    return PydanticCustomError("password_context", refusal, {"field": field})
+
+
 class Signup(Input):
     username: NewUsername
     password: Password
     email: Email
 
     @model_validator(mode="after")
-    def _password_is_not_the_username(self) -> Signup:
-        if self.password.casefold() == self.username.casefold():
-            raise PydanticCustomError("password_is_username", "must not be your username", {"field": "password"})
+    def _password_is_not_of_its_context(self, info: ValidationInfo) -> Signup:
+        rules = info.context if isinstance(info.context, PasswordRules) else PasswordRules()
+        if (refusal := rules.context_refusal(self.password, self.username, self.email)) is not None:
+            raise context_error("password", refusal)
         return self
 
 
@@ -148,6 +130,12 @@ class Signin(Input):
     # Any string a username could be, and more (a wrong one is a 401, not a 400); never empty.
     username: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_CONTROL_CHARACTERS)]
     password: AnyPassword
+    device_token: Annotated[str, StringConstraints(max_length=2048)] | SkipJsonSchema[None] = Field(
+        default=None,
+        description="The `device_token` of an earlier signin of this account on this device: it lets the signin "
+        "past the throttles that other addresses' failures set off.",
+        json_schema_extra=_absent_default,
+    )
 
 
 def _email_is_optional_not_null(schema: dict[str, Any]) -> None:
@@ -188,7 +176,7 @@ class PasswordChange(Input):
 
     @model_validator(mode="after")
     def _new_is_new(self) -> PasswordChange:
-        if self.new_password == self.old_password:
+        if normalized(self.new_password) == normalized(self.old_password):
             raise PydanticCustomError("same_password", "must differ from the old one", {"field": "new_password"})
         return self
 
@@ -231,13 +219,13 @@ class TokenPair(BaseModel):
     token_type: Literal["bearer"]
 
 
+class SigninTokens(TokenPair):
+    device_token: str = Field(description="Keep it, and send it with this account's next signin on this device.")
+
+
 class FieldError(BaseModel):
     field: str
     message: str
-
-
-def _no_default(schema: dict[str, Any]) -> None:
-    del schema["default"]  # absent, not null: a null default would contradict the array type
 
 
 class Error(BaseModel):
@@ -245,12 +233,8 @@ class Error(BaseModel):
 
     detail: str
     errors: list[FieldError] | SkipJsonSchema[None] = Field(
-        default=None, description="Only for invalid fields.", json_schema_extra=_no_default
+        default=None, description="Only for invalid fields.", json_schema_extra=_absent_default
     )
-
-
-def _absent(schema: dict[str, Any]) -> None:
-    del schema["default"]  # absent, not null
 
 
 class JsonWebKey(BaseModel):
@@ -260,11 +244,11 @@ class JsonWebKey(BaseModel):
     kid: str = Field(description="The key's RFC 7638 thumbprint, as in the header of the tokens it signed.")
     alg: Literal["ES256", "EdDSA", "RS256"]
     use: Literal["sig"]
-    crv: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
-    x: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
-    y: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
-    n: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
-    e: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent)
+    crv: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
+    x: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
+    y: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
+    n: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
+    e: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
 
 
 class KeySet(BaseModel):

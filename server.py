@@ -35,7 +35,13 @@ def command(settings: Settings, *extra: str) -> list[str]:
         *(sys.executable, "-m", "uvicorn", app, *FLAGS),
         *("--host", settings.host, "--port", str(settings.port)),
         *("--timeout-graceful-shutdown", str(settings.graceful_timeout)),
-        *("--proxy-headers", "--forwarded-allow-ips", settings.forwarded_allow_ips),
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local process, or a local
+        # proxy that passes the client's own header on, could name any address.
+        *(
+            ("--proxy-headers", "--forwarded-allow-ips", settings.forwarded_allow_ips)
+            if settings.forwarded_allow_ips
+            else ("--no-proxy-headers",)
+        ),
         *extra,
     ]
 

@@ -46,6 +46,13 @@ def token_algorithm(value: str) -> str:
     return value
 
 
+def password_min_length(value: str) -> int:
+    length = int(value)
+    if not 8 <= length <= 64:
+        raise ValueError(f"must be 8 (ASVS 5.0's floor) to 64, not {length}")
+    return length
+
+
 def log_format(value: str) -> str:
     if value not in ("json", "text"):
         raise ValueError(f"LOG_FORMAT must be json or text, not {value!r}")
@@ -105,6 +112,11 @@ class Settings:
         "BODY_TIMEOUT", 10.0, float,
         "seconds a client has to send the whole request body, which is read before any route runs; then 408",
     )
+    head_timeout: float = setting(
+        "HEAD_TIMEOUT", 10.0, float,
+        "seconds a connection has to send a whole request head, from its opening or the end of the previous answer; "
+        "then it is closed",
+    )
     signing_key_file: str | None = setting(
         "SIGNING_KEY_FILE", None, optional,
         "a PEM file with the private key that signs tokens (P-256 for ES256, Ed25519 for EdDSA, RSA for RS256); "
@@ -138,11 +150,32 @@ class Settings:
         "`SECRET_KEY`)",
         secret=True,
     )
+    service_name: str = setting(
+        "SERVICE_NAME", "users", str, "the service's name, as people see it: no password may contain it"
+    )
     access_token_ttl: int = setting("ACCESS_TOKEN_TTL", 900, int, "seconds an access token is valid (15 minutes)")
     refresh_token_ttl: int = setting("REFRESH_TOKEN_TTL", 604800, int, "seconds a refresh token is valid (7 days)")
     token_leeway: float = setting(
         "TOKEN_LEEWAY", 30.0, float,
         "seconds of clock difference between replicas allowed when a token's `iat`, `nbf` and `exp` are checked",
+    )
+    device_token_ttl: int = setting(
+        "DEVICE_TOKEN_TTL", 7776000, int,
+        "seconds a signin's `device_token` lets that device past the address and account throttles (90 days)",
+    )
+    password_min_length: int = setting(
+        "PASSWORD_MIN_LENGTH", 15, password_min_length,
+        "fewest characters of a new password (NIST SP 800-63B rev 4, for a password that is the only factor); "
+        "at least 8 ([docs/accounts.md](docs/accounts.md) says what a lower one trades)",
+    )
+    pwned_passwords_url: str | None = setting(
+        "PWNED_PASSWORDS_URL", None, optional,
+        "a Pwned Passwords range API (`https://api.pwnedpasswords.com`): a new password found there is refused. "
+        "Only the first 5 hex digits of its SHA-1 leave the process; 2 s timeout",
+    )
+    pwned_passwords_fail_closed: bool = setting(
+        "PWNED_PASSWORDS_FAIL_CLOSED", False, boolean,
+        "`true`: when the range API does not answer, refuse new passwords with 503 instead of accepting them",
     )
     signin_failure_limit: int = setting(
         "SIGNIN_FAILURE_LIMIT", 5, int,
@@ -154,9 +187,19 @@ class Settings:
         "failed password checks from one address over any usernames, within the window, before that address gets "
         "429 for every signin; `0` turns it off",
     )
+    signin_account_failure_limit: int = setting(
+        "SIGNIN_ACCOUNT_FAILURE_LIMIT", 100, int,
+        "failed password checks for one account from any addresses, within the window, before its signins get 429 "
+        "(but from a known device); `0` turns it off",
+    )
     signin_failure_window: int = setting(
         "SIGNIN_FAILURE_WINDOW", 900, int, "seconds a window of failures lasts, from its first failure"
     )
+    signup_address_limit: int = setting(
+        "SIGNUP_ADDRESS_LIMIT", 50, int,
+        "signups from one address within `SIGNUP_WINDOW` before that address gets 429; `0` turns it off",
+    )
+    signup_window: int = setting("SIGNUP_WINDOW", 3600, int, "seconds a window of signups lasts, from its first")
     cors_allow_origins: tuple[str, ...] = setting(
         "CORS_ALLOW_ORIGINS", (), comma_separated,
         "comma-separated origins that browsers may call the API from (`https://app.example.com`); empty: no CORS "
@@ -170,6 +213,12 @@ class Settings:
         "REQUEST_LOG", True, boolean, "one log line per request (in place of uvicorn's access log)"
     )
     metrics: bool = setting("METRICS", True, boolean, "Prometheus metrics at `/metrics`")
+    metrics_token: str | None = setting(
+        "METRICS_TOKEN", None, optional,
+        "when set, `/metrics` answers only a request with `Authorization: Bearer <it>` (Prometheus' "
+        "`authorization` scrape setting); set it wherever anyone else can reach the port",
+        secret=True,
+    )
     metrics_dir: str | None = setting(
         "METRICS_DIR", None, optional,
         "with `WEB_CONCURRENCY` above 1: the directory the workers' metrics files go to, emptied when the service "
@@ -184,9 +233,10 @@ class Settings:
     web_concurrency: int = setting(
         "WEB_CONCURRENCY", 1, int, "uvicorn worker processes (read by uvicorn itself); each builds its own engine"
     )
-    forwarded_allow_ips: str = setting(
-        "FORWARDED_ALLOW_IPS", "127.0.0.1", str,
-        "comma-separated peers whose `X-Forwarded-For` and `X-Forwarded-Proto` uvicorn trusts",
+    forwarded_allow_ips: str | None = setting(
+        "FORWARDED_ALLOW_IPS", None, optional,
+        "comma-separated addresses of the proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are trusted (your "
+        "load balancer's); unset, no proxy header is trusted and the client is the connection's peer",
     )
     # fmt: on
 

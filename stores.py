@@ -169,17 +169,18 @@ class TokenFamilyStore:
 
 
 class SigninFailureStore:
-    """The signin throttle's counts: failures per (kind, address, username) in a window from the
-    first. `kind` is "password" or "email" (see models.SigninFailure)."""
+    """The throttles' counts: attempts per (kind, address, username) in a window from the first
+    (see models.SigninFailure)."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
     async def count(
-        self, kind: str, address: str, username: str, now: datetime, window: timedelta
+        self, kind: str, address: str, username: str, now: datetime, window: timedelta, limit: int
     ) -> tuple[int, datetime]:
         """Count one more, in the current window or in a new one if it has passed, in one atomic
-        statement (so that concurrent attempts cannot all read the same count): (count, window start)."""
+        statement (so that concurrent attempts cannot all read the same count), but not past
+        `limit + 1`: a rule over its limit stops counting. (count, window start)."""
         dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
         expired = SigninFailure.window_start <= now - window
         statement = (
@@ -188,12 +189,15 @@ class SigninFailureStore:
             .on_conflict_do_update(
                 index_elements=[SigninFailure.kind, SigninFailure.address, SigninFailure.username],
                 set_={
-                    "failures": case((expired, 1), else_=SigninFailure.failures + 1),
+                    "failures": case(
+                        (expired, 1), (SigninFailure.failures > limit, SigninFailure.failures),
+                        else_=SigninFailure.failures + 1,
+                    ),
                     "window_start": case((expired, now), else_=SigninFailure.window_start),
                 },
             )
             .returning(SigninFailure.failures, SigninFailure.window_start)
-        )
+        )  # fmt: skip
         failures, window_start = (await self.session.execute(statement)).one()
         return failures, window_start
 
@@ -218,6 +222,8 @@ class SigninFailureStore:
             )
         )
 
-    async def purge(self, before: datetime) -> None:
-        """Windows that started before `before` count for nothing any more."""
-        await self.session.execute(delete(SigninFailure).where(SigninFailure.window_start < before))
+    async def purge(self, kind: str, before: datetime) -> None:
+        """Windows of this kind that started before `before` count for nothing any more."""
+        await self.session.execute(
+            delete(SigninFailure).where(SigninFailure.kind == kind, SigninFailure.window_start < before)
+        )

@@ -1,81 +1,112 @@
-"""The signin throttle: failures counted in the database, so every worker and replica shares them.
+"""The throttles: attempts counted in the database, so that every worker and replica shares them.
+
+A password check (a signin, a re-authentication) is counted before its outcome is known, against
+its client address, its account and the pair of both; from a known device (a `device_token` of an
+earlier signin of that account), against that device alone. Signups are counted per address.
 
 `count_attempt` is one of the two places where the service writes whatever the request answers
-(the other: accounts.end_family). A failed password check is a 4xx, and the middleware rolls every 4xx
-back, so the count goes in a short transaction of its own, committed at once.
+(the other: accounts.end_family). A failed password check is a 4xx, and the middleware rolls every
+4xx back, so the count goes in a short transaction of its own, committed at once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from addresses import client_address, throttle_key
 from db import database, transaction
-from models import ADDRESS_LENGTH
 from resources import resources
+from settings import Settings
 from stores import SigninFailureStore
 
-Kind = Literal["password", "email"]  # a password check, or an "Email already exists" answer
+ANY = ""  # a rule over every address, or over every username
+
+
+@dataclass(frozen=True)
+class Rule:
+    """At most `limit` attempts of `kind` by (address, username) in `window` seconds; `0` turns it off."""
+
+    kind: str  # "password", "device", "email" (email-taken answers) or "signup"
+    address: str
+    username: str
+    limit: int
+    window: int
+
+
+def signin_rules(settings: Settings, address: str, account: str, device: str | None = None) -> list[Rule]:
+    """The rules a password check for `account` from `address` counts against, widest first: the
+    address, over any accounts; the account, from any addresses; the pair. From a known device
+    (`device`: its token's id), only that device's own."""
+    limit, window = settings.signin_failure_limit, settings.signin_failure_window
+    if device is not None:
+        return [Rule("device", device, account, limit, window)]
+    return [
+        Rule("password", address, ANY, settings.signin_address_failure_limit, window),
+        Rule("password", ANY, account, settings.signin_account_failure_limit, window),
+        Rule("password", address, account, limit, window),
+    ]
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """An attempt, counted by count_attempt before its outcome was known: a failure until it says
-    otherwise, in the request's session, so that the word stands only if the request commits."""
+    """An attempt, counted before its outcome was known: a failure until it says otherwise, in the
+    request's session, so that the word stands only if the request commits."""
 
-    kind: Kind
-    address: str
-    username: str
-    windows: dict[str, datetime]  # username ("" for the address's rule): the window it was counted in
+    counted: tuple[tuple[Rule, datetime], ...]  # each rule, and the window it was counted in
 
     async def succeeded(self, session: AsyncSession, *, clear: bool = False) -> None:
-        """It was not a failure: take its count back (`clear`, for a signin: also forget this
-        username's earlier failures from this address)."""
+        """It was not a failure: take its counts back (`clear`, for a signin: also forget the
+        earlier failures of this account from this address or device)."""
         store = SigninFailureStore(session)
-        for username, window_start in self.windows.items():
-            if clear and username:
-                await store.clear(self.kind, self.address, username)
+        for rule, window_start in self.counted:
+            if clear and rule.address and rule.username:
+                await store.clear(rule.kind, rule.address, rule.username)
             else:
-                await store.uncount(self.kind, self.address, username, window_start)
+                await store.uncount(rule.kind, rule.address, rule.username, window_start)
 
 
-def client_address(request: Request) -> str:
-    """The address uvicorn reports (it honours X-Forwarded-For only from FORWARDED_ALLOW_IPS);
-    anything longer than an address is cut to fit its column."""
-    host = request.client.host if request.client else ""
-    return (host or "unknown")[:ADDRESS_LENGTH]
+def address_key(request: Request) -> str:
+    return throttle_key(client_address(request.scope))
 
 
-async def count_attempt(request: Request, username: str, kind: Kind = "password") -> Attempt:
-    """Count an attempt before its outcome is known (before the password is checked), so that
-    concurrent guesses cannot all get through; over a limit, a 429, and no hash is spent.
-    Windows that have passed are purged on the way."""
-    settings = resources(request).settings
-    address = client_address(request)
-    limits = {username: settings.signin_failure_limit}
-    if kind == "password":  # email-taken answers are counted per (address, username) only
-        limits[""] = settings.signin_address_failure_limit
-    rules = {name: limit for name, limit in limits.items() if limit}  # a limit of 0 turns its rule off
+async def count_attempt(request: Request, rules: Sequence[Rule], too_many: str = "Too many failed attempts") -> Attempt:
+    """Count an attempt against each rule, widest first, before its outcome is known (before the
+    password is checked), so that concurrent guesses cannot all get through. Past a limit: a 429,
+    and no hash is spent; the attempt stops counting there (the counts of wider rules are taken
+    back, and narrower ones never made), so that a throttled spray adds no rows. Windows that
+    have passed are purged on the way."""
+    rules = [rule for rule in rules if rule.limit]
     if not rules:
-        return Attempt(kind, address, username, {})
-    now, window = datetime.now(UTC), timedelta(seconds=settings.signin_failure_window)
-    waits, windows = [], {}
+        return Attempt(())
+    now = datetime.now(UTC)
+    counted: list[tuple[Rule, datetime]] = []
     async with transaction(database(request).writes) as session:
         store = SigninFailureStore(session)
-        await store.purge(now - window)
-        for name, limit in rules.items():
-            failures, windows[name] = await store.count(kind, address, name, now, window)
-            if failures > limit:
-                waits.append(math.ceil((windows[name] + window - now).total_seconds()))
-    if waits:
-        seconds = max(1, *waits)
-        raise HTTPException(
-            429, f"Too many failed attempts; try again in {seconds} seconds.", headers={"Retry-After": str(seconds)}
-        )
-    return Attempt(kind, address, username, windows)
+        for kind, seconds in {(rule.kind, rule.window) for rule in rules}:
+            await store.purge(kind, now - timedelta(seconds=seconds))
+        for rule in rules:
+            window = timedelta(seconds=rule.window)
+            count, window_start = await store.count(rule.kind, rule.address, rule.username, now, window, rule.limit)
+            if count > rule.limit:
+                await Attempt(tuple(counted)).succeeded(session)
+                seconds = max(1, math.ceil((window_start + window - now).total_seconds()))
+                break
+            counted.append((rule, window_start))
+        else:
+            return Attempt(tuple(counted))
+    raise HTTPException(429, f"{too_many}; try again in {seconds} seconds.", headers={"Retry-After": str(seconds)})
+
+
+async def count_signup(request: Request) -> None:
+    """Count a signup against its address (every one, whatever its answer: a 409 tells whether an
+    address is registered); past SIGNUP_ADDRESS_LIMIT, a 429 before any hash."""
+    settings = resources(request).settings
+    rule = Rule("signup", address_key(request), ANY, settings.signup_address_limit, settings.signup_window)
+    await count_attempt(request, [rule], "Too many signups from this address")

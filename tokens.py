@@ -25,8 +25,9 @@ logger = logging.getLogger("users")
 
 TokenType = Literal["access", "refresh"]
 # The JOSE header's `typ` (RFC 9068 for access tokens): a verifier that checks it cannot take a
-# refresh token for an access token, whatever it makes of the claims.
-HEADER_TYPES: dict[TokenType, str] = {"access": "at+jwt", "refresh": "refresh+jwt"}
+# refresh token (or a device token, which only this service reads) for an access token, whatever
+# it makes of the claims.
+HEADER_TYPES: dict[str, str] = {"access": "at+jwt", "refresh": "refresh+jwt", "device": "device+jwt"}
 JWKS_MAX_AGE = 300  # seconds a verifier may cache the key set: a new key is published this long before it signs
 
 
@@ -57,6 +58,7 @@ class Tokens:
     issuer: str = "http://127.0.0.1:8000"
     audience: str = "users"
     leeway: float = 30.0  # seconds of clock difference between replicas allowed for iat, nbf and exp
+    device_ttl: int = 7776000
     keys: dict[str, Key] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,32 +79,30 @@ class Tokens:
         """When a family whose newest refresh token is issued now has no good token left."""
         return datetime.now(UTC) + timedelta(seconds=self.refresh_ttl + self.leeway)
 
+    def device_token(self, user_id: int) -> str:
+        """A known-device token (OWASP's device cookie): proof that this device signed in to this
+        account before, which lets it past the address and account throttles (throttle.py)."""
+        return self._sign({"sub": str(user_id), "typ": "device"}, self.device_ttl)
+
     def _encode(self, user_id: int, version: int, family: str, generation: int, token_type: TokenType, ttl: int) -> str:
+        claims = {"sub": str(user_id), "typ": token_type, "ver": version, "fam": family, "gen": generation}
+        return self._sign(claims, ttl)
+
+    def _sign(self, claims: dict[str, Any], ttl: int) -> str:
         now = datetime.now(UTC)
-        claims = {
-            "iss": self.issuer,
-            "aud": self.audience,
-            "sub": str(user_id),
-            "typ": token_type,
-            "jti": uuid.uuid4().hex,
-            "ver": version,
-            "fam": family,
-            "gen": generation,
-            "iat": now,
-            "exp": now + timedelta(seconds=ttl),
-        }
-        headers = {"kid": self.signer.kid, "typ": HEADER_TYPES[token_type]}
+        claims = {"iss": self.issuer, "aud": self.audience, **claims, "jti": uuid.uuid4().hex, "iat": now}
+        claims["exp"] = now + timedelta(seconds=ttl)
+        headers = {"kid": self.signer.kid, "typ": HEADER_TYPES[claims["typ"]]}
         return jwt.encode(claims, self.signer.signing, algorithm=self.signer.algorithm, headers=headers)
 
-    def check(self, token: str, token_type: TokenType) -> Claims:
-        """The token's claims, or a 401 if it is malformed, tampered with, expired, of the wrong type,
-        for another issuer or audience, or signed with a key the service does not hold."""
+    def _decode(self, token: str, required: list[str]) -> dict[str, Any]:
+        """The claims of a token signed with one of the keys, for this issuer and audience, not
+        expired; a 401 otherwise."""
         try:
             key = self._key_for(token)
-            required = ["iss", "aud", "sub", "typ", "jti", "fam", "iat", "exp"]
             if key.algorithm == "HS256" and not {"iss", "aud"} & set(unverified_claims(token)):
                 required = required[2:]  # issued before tokens named an issuer and audience: good until they expire
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key.verifying,
                 algorithms=[key.algorithm],
@@ -115,6 +115,23 @@ class Tokens:
             raise unauthorized("Token has expired") from None
         except jwt.InvalidTokenError:
             raise unauthorized("Token is invalid") from None
+        return claims
+
+    def device(self, token: str | None, user_id: int) -> str | None:
+        """The id of a good device token for this user; None for any other (no token, another
+        user's, expired, forged): that device is then a device like any other."""
+        if token is None:
+            return None
+        try:
+            claims = self._decode(token, ["iss", "aud", "sub", "typ", "jti", "iat", "exp"])
+        except HTTPException:
+            return None
+        return str(claims["jti"]) if claims["typ"] == "device" and claims["sub"] == str(user_id) else None
+
+    def check(self, token: str, token_type: TokenType) -> Claims:
+        """The token's claims, or a 401 if it is malformed, tampered with, expired, of the wrong type,
+        for another issuer or audience, or signed with a key the service does not hold."""
+        claims = self._decode(token, ["iss", "aud", "sub", "typ", "jti", "fam", "iat", "exp"])
         if claims["typ"] != token_type:
             raise unauthorized(
                 "An access token is required" if token_type == "access" else "A refresh token is required"
@@ -182,6 +199,7 @@ def make_tokens(settings: Settings) -> Tokens:
         settings.token_issuer,
         settings.token_audience,
         settings.token_leeway,
+        settings.device_token_ttl,
     )
 
 

@@ -40,7 +40,7 @@ def rss_mb(pid: int) -> float:
 
 
 async def virtual_user(url: str, n: int, seeded: int, stop: float, latencies: list[float], failures: list[str]) -> None:
-    name, password = f"soak{n:03d}", "Kiwi-Tango-57"
+    name, password = f"soak{n:03d}", "Kiwi-Tango-Mango-57"
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
 
         async def timed(method: str, path: str, **kwargs: Any) -> httpx.Response:

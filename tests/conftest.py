@@ -215,7 +215,7 @@ def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
 
 # --- helpers for the tests: a user, signed in -------------------------------------------------
 
-PASSWORD = "Kiwi-Tango-57"
+PASSWORD = "Kiwi-Tango-Mango-57"
 
 
 def signup_body(username: str = "alice", **overrides: Any) -> dict[str, Any]:
@@ -239,9 +239,9 @@ def assert_401(response: httpx.Response, detail: str) -> None:
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-def field_errors(response: httpx.Response) -> list[str]:
-    """The fields a 400 names."""
-    assert response.status_code == 400, response.text
+def field_errors(response: httpx.Response, status: int = 400) -> list[str]:
+    """The fields a 400 names (or a 403: a well-formed request whose proof, a password, was wrong)."""
+    assert response.status_code == status, response.text
     return [error["field"] for error in response.json()["errors"]]
 
 

@@ -1,6 +1,7 @@
 """The account rules that need the database or another field, on SQLite and PostgreSQL: emails
-unique by their case-folded form, usernames unique regardless of case, and a password that is
-neither the username nor, when changed, the old one."""
+unique by their case-folded form, usernames unique regardless of case, and a password that
+contains no word of its context (the username, the email's name, the service's name) and, when
+changed, differs from the old one."""
 
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ async def test_emails_that_differ_only_in_case_are_the_same_on_every_database(
     assert response.json() == {"detail": "Email already exists"}
     assert await db.usernames() == ["one"]
     created = await client.post("/api/users/signup", json=signup_body("three", email="three@example.com"))
-    token = (await client.post("/api/users/signin", json={"username": "three", "password": "Kiwi-Tango-57"})).json()
-    body = {"email": second, "password": "Kiwi-Tango-57"}
+    token = (
+        await client.post("/api/users/signin", json={"username": "three", "password": "Kiwi-Tango-Mango-57"})
+    ).json()
+    body = {"email": second, "password": "Kiwi-Tango-Mango-57"}
     update = await client.patch("/api/users/me", json=body, headers=bearer(token["access_token"]))
     assert (created.status_code, update.status_code) == (201, 409)
 
@@ -65,20 +68,36 @@ async def test_usernames_are_unique_regardless_of_case_and_looked_up_exactly(
     assert (await client.get("/api/users/alice")).status_code == 404
 
 
-@pytest.mark.parametrize("password", ["CorrectHorse9", "correcthorse9", "CORRECTHORSE9"])
-async def test_a_password_may_not_be_the_username(client: httpx.AsyncClient, db: DirectDatabase, password: str) -> None:
-    response = await client.post("/api/users/signup", json=signup_body("CorrectHorse9", password=password))
+@pytest.mark.parametrize(
+    ("email", "password", "message"),
+    [
+        ("dora@example.com", "CorrectHorse9 is my name", "must not contain your username"),
+        ("dora@example.com", "i am CORRECTHORSE9 really", "must not contain your username"),
+        ("bluewhale@example.com", "my Bluewhale passphrase", "must not contain the name of your email address"),
+        ("dora@example.com", "all the USERS love kiwis", "must not contain the service's name"),
+        ("dora@example.com", "\uff23orrect\uff28orse9 in full width", "must not contain your username"),  # NFKC
+    ],
+)
+async def test_a_password_may_not_contain_a_word_of_its_context(
+    client: httpx.AsyncClient, db: DirectDatabase, email: str, password: str, message: str
+) -> None:
+    response = await client.post("/api/users/signup", json=signup_body("CorrectHorse9", email=email, password=password))
     assert field_errors(response) == ["password"]
-    assert response.json()["errors"][0]["message"] == "must not be your username"
+    assert response.json()["errors"][0]["message"] == message
     assert await db.usernames() == []
+
+
+async def test_context_words_shorter_than_four_characters_are_allowed(client: httpx.AsyncClient) -> None:
+    body = signup_body("bob", email="al@example.com", password="bob and al went to see a whale")
+    assert (await client.post("/api/users/signup", json=body)).status_code == 201
 
 
 @pytest.mark.parametrize(
     ("new_password", "message"),
     [
         (PASSWORD, "must differ from the old one"),
-        ("ALICE1234x", "must not be your username"),  # the username, in another case
-        ("alice-In-Chains", None),  # containing it is allowed
+        ("ALICE1234x-and-more-words", "must not contain your username"),  # the username, in another case
+        ("alice-In-Chains-Forever", None),  # a part of it is not the username
     ],
 )
 async def test_a_new_password_must_differ_from_the_old_one_and_from_the_username(

@@ -21,7 +21,7 @@ from settings import Settings
 pytestmark = pytest.mark.anyio
 
 SECRET = "a-test-secret-long-enough-for-hs256-and-hs512-" + "x" * 32
-PASSWORD = "Kiwi-Tango-57"
+PASSWORD = "Kiwi-Tango-Mango-57"
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def settings(database_url: str) -> Settings:
 async def test_signin_answers_a_signed_token_pair(client: httpx.AsyncClient) -> None:
     tokens = await sign_up_and_in(client)
 
-    assert set(tokens) == {"access_token", "refresh_token", "token_type"}
+    assert set(tokens) == {"access_token", "refresh_token", "token_type", "device_token"}
     assert tokens["token_type"] == "bearer"
     access = jwt.decode(tokens["access_token"], SECRET, algorithms=["HS256"], audience="users")
     refresh = jwt.decode(tokens["refresh_token"], SECRET, algorithms=["HS256"], audience="users")
@@ -47,9 +47,14 @@ async def test_signin_answers_a_signed_token_pair(client: httpx.AsyncClient) -> 
     assert access["exp"] - access["iat"] == 15 * 60
     assert refresh["exp"] - refresh["iat"] == 7 * 24 * 3600
     assert access["jti"] != refresh["jti"]
+    device = jwt.decode(tokens["device_token"], SECRET, algorithms=["HS256"], audience="users")
+    assert (device["sub"], device["typ"], device["exp"] - device["iat"]) == (str(user_id), "device", 90 * 24 * 3600)
+    assert jwt.get_unverified_header(tokens["device_token"])["typ"] == "device+jwt"
 
 
-@pytest.mark.parametrize(("username", "password"), [("alice", "Wrong123!"), ("nobody", "Kiwi-Tango-57"), ("alice", "")])
+@pytest.mark.parametrize(
+    ("username", "password"), [("alice", "Wrong123!"), ("nobody", "Kiwi-Tango-Mango-57"), ("alice", "")]
+)
 async def test_signin_with_a_wrong_password_or_unknown_user_is_the_same_401(
     client: httpx.AsyncClient, username: str, password: str
 ) -> None:
@@ -66,15 +71,17 @@ async def test_signin_with_a_malformed_body_is_400(client: httpx.AsyncClient, bo
 
 async def test_signin_upgrades_a_hash_made_with_older_parameters(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     await client.post("/api/users/signup", json=signup_body("alice"))
-    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-57")
+    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-Mango-57")
     await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
 
-    response = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
+    response = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-Mango-57"})
 
     assert response.status_code == 200
     upgraded = await db.scalar("SELECT password_hash FROM users")
     assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
-    assert (await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})).is_success
+    assert (
+        await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-Mango-57"})
+    ).is_success
 
 
 async def test_me_answers_the_private_profile(client: httpx.AsyncClient) -> None:
@@ -275,7 +282,7 @@ async def test_address_limit_is_inclusive(client: httpx.AsyncClient) -> None:
 async def test_changing_the_password_ends_every_earlier_token(client: httpx.AsyncClient, db: DirectDatabase) -> None:
     tokens = await sign_up_and_in(client)
     other = (await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})).json()
-    body = {"old_password": PASSWORD, "new_password": "Better-Plum-88"}
+    body = {"old_password": PASSWORD, "new_password": "Better-Plum-88-Grape"}
 
     response = await client.put("/api/users/me/password", json=body, headers=bearer(tokens["access_token"]))
 
@@ -287,17 +294,21 @@ async def test_changing_the_password_ends_every_earlier_token(client: httpx.Asyn
     assert await db.scalar("SELECT count(*) FROM token_families") == 0  # their rows went too
     old = await client.post("/api/users/signin", json={"username": "alice", "password": PASSWORD})
     assert old.status_code == 401
-    new = await client.post("/api/users/signin", json={"username": "alice", "password": "Better-Plum-88"})
+    new = await client.post("/api/users/signin", json={"username": "alice", "password": "Better-Plum-88-Grape"})
     assert (await client.get("/api/users/me", headers=bearer(new.json()["access_token"]))).status_code == 200
 
 
 @pytest.mark.parametrize(
     ("body", "status"),
     [
-        ({"old_password": "Wrong123!", "new_password": "Better456?"}, 400),
-        ({"old_password": "Kiwi-Tango-57", "new_password": "weak"}, 400),
-        ({"old_password": "Kiwi-Tango-57", "new_password": "alllowercase"}, 400),
-        ({"old_password": "Kiwi-Tango-57"}, 400),
+        ({"old_password": "Wrong123!", "new_password": "Better-Plum-456-Pear?"}, 403),
+        ({"old_password": "Kiwi-Tango-Mango-57", "new_password": "weak"}, 400),
+        ({"old_password": "Kiwi-Tango-Mango-57", "new_password": "Fourteen-chars"}, 400),
+        (
+            {"old_password": "Kiwi-Tango-Mango-57", "new_password": "QwertyUIOP12345"},
+            400,
+        ),  # on the blocklist, in any case
+        ({"old_password": "Kiwi-Tango-Mango-57"}, 400),
     ],
 )
 async def test_a_refused_password_change_changes_nothing(
@@ -309,7 +320,7 @@ async def test_a_refused_password_change_changes_nothing(
 
     assert response.status_code == status
     assert (await client.get("/api/users/me", headers=bearer(tokens["access_token"]))).status_code == 200
-    signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
+    signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-Mango-57"})
     assert signin.status_code == 200
 
 

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.anyio
 SQL = "'; DROP TABLE users; --"
 VALID = {
     "/api/users/signup": signup_body("newcomer"),
-    "/api/users/signin": {"username": "alice", "password": "Kiwi-Tango-57"},
+    "/api/users/signin": {"username": "alice", "password": "Kiwi-Tango-Mango-57"},
     "/api/users/me": {
         "address": "Seoul",
         "phone_number": "01012345678",
         "email": "alice2@example.com",
-        "password": "Kiwi-Tango-57",
+        "password": "Kiwi-Tango-Mango-57",
     },
-    "/api/users/me/password": {"old_password": "Kiwi-Tango-57", "new_password": "Better456?"},
+    "/api/users/me/password": {"old_password": "Kiwi-Tango-Mango-57", "new_password": "Better-Plum-456-Pear?"},
 }
 METHOD = {"/api/users/signup": "POST", "/api/users/signin": "POST", "/api/users/me": "PATCH"}
 METHOD["/api/users/me/password"] = "PUT"
@@ -219,12 +219,14 @@ async def test_a_password_with_a_nul_is_only_ever_hashed_so_it_is_a_wrong_passwo
 ) -> None:
     # Passwords are never stored, only hashed, so a NUL in one is just a wrong password.
     if password_field == "signin":
-        response = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi\x00Tango-57"})
+        response = await client.post(
+            "/api/users/signin", json={"username": "alice", "password": "Kiwi\x00Tango-Mango-57"}
+        )
         assert response.status_code == 401
     else:
-        body = {"old_password": "Kiwi\x00Tango-57", "new_password": "Better-Plum-88"}
+        body = {"old_password": "Kiwi\x00Tango-Mango-57", "new_password": "Better-Plum-88-Grape"}
         response = await client.put("/api/users/me/password", json=body, headers=signed_in)
-        assert response.status_code == 400
+        assert response.status_code == 403
         assert response.json()["errors"] == [{"field": "old_password", "message": "is not your current password"}]
 
 

@@ -89,7 +89,7 @@ async def test_a_slow_body_holds_nothing_and_gets_408_after_body_timeout(
     async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
         token = (await sign_up_and_in(client, "alice"))["access_token"]
         patch = json.dumps({"address": "Seoul"}).encode()
-        password = json.dumps({"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}).encode()
+        password = json.dumps({"old_password": "Kiwi-Tango-Mango-57", "new_password": "Better-Plum-456-Pear?"}).encode()
         slow = [
             await send_headers_and_part_of_the_body(service.port, "PATCH", "/api/users/me", token, patch),
             await send_headers_and_part_of_the_body(service.port, "PATCH", "/api/users/me", token, patch),
@@ -114,7 +114,7 @@ async def test_a_slow_body_holds_nothing_and_gets_408_after_body_timeout(
             assert json.loads(body) == {"detail": "The request body did not arrive within 3 seconds."}
         me = (await client.get("/api/users/me", headers=bearer(token))).json()
         assert me["address"] is None  # nothing was written
-        assert await signin_status(client, "alice", "Kiwi-Tango-57") == 200
+        assert await signin_status(client, "alice", "Kiwi-Tango-Mango-57") == 200
 
 
 class ProbingHasher(PasswordHasher):
@@ -147,11 +147,11 @@ async def test_no_connection_lock_or_transaction_is_held_while_a_password_is_has
     monkeypatch.setattr(passwords, "hasher", ProbingHasher(probe))
     token = (await sign_up_and_in(client, "alice"))["access_token"]  # a hash, a verification
     assert await signin_status(client, "alice", "Wrong123!") == 401
-    assert await signin_status(client, "nobody", "Kiwi-Tango-57") == 401  # against a dummy hash
-    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-57")
+    assert await signin_status(client, "nobody", "Kiwi-Tango-Mango-57") == 401  # against a dummy hash
+    old = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("Kiwi-Tango-Mango-57")
     await db.execute("UPDATE users SET password_hash = :hash", {"hash": old})
-    token = (await sign_in(client, "alice", "Kiwi-Tango-57"))["access_token"]  # verify, then upgrade the hash
-    body = {"old_password": "Kiwi-Tango-57", "new_password": "Better456?"}
+    token = (await sign_in(client, "alice", "Kiwi-Tango-Mango-57"))["access_token"]  # verify, then upgrade the hash
+    body = {"old_password": "Kiwi-Tango-Mango-57", "new_password": "Better-Plum-456-Pear?"}
     assert (await client.put("/api/users/me/password", json=body, headers=bearer(token))).status_code == 204
 
     kinds = [what for what, _, _ in seen]
@@ -173,7 +173,7 @@ async def test_a_signin_flood_does_not_starve_the_pool(database_url: str, start_
         await sign_up_and_in(client, "alice")
         signins, lookups = await asyncio.gather(
             asyncio.gather(
-                *(signin_status(client, "alice", "Kiwi-Tango-57" if i % 2 else "Wrong123!") for i in range(60))
+                *(signin_status(client, "alice", "Kiwi-Tango-Mango-57" if i % 2 else "Wrong123!") for i in range(60))
             ),
             asyncio.gather(*(client.get("/api/users/alice") for _ in range(60))),
         )
@@ -207,18 +207,18 @@ async def test_two_racing_password_changes_one_wins_and_only_its_password_works(
     for round in range(ROUNDS):
         name = f"race{round:02d}"
         token = (await sign_up_and_in(first, name))["access_token"]
-        passwords = (f"First{round:02d}!", f"Second{round:02d}?")
+        passwords = (f"First-Plum-Pear-{round:02d}!", f"Second-Plum-Pear-{round:02d}?")
 
         statuses = await asyncio.gather(
-            change_password(first, token, "Kiwi-Tango-57", passwords[0]),
-            change_password(second, token, "Kiwi-Tango-57", passwords[1]),
+            change_password(first, token, "Kiwi-Tango-Mango-57", passwords[0]),
+            change_password(second, token, "Kiwi-Tango-Mango-57", passwords[1]),
         )
 
         assert sorted(statuses) == [204, 401], (round, statuses)
         won, lost = passwords if statuses[0] == 204 else passwords[::-1]
         assert await signin_status(first, name, won) == 200, round
         assert await signin_status(first, name, lost) == 401, round
-        assert await signin_status(first, name, "Kiwi-Tango-57") == 401, round
+        assert await signin_status(first, name, "Kiwi-Tango-Mango-57") == 401, round
         version = await db.scalar("SELECT token_version FROM users WHERE username = :name", {"name": name})
         assert version == 1, round
 
@@ -234,19 +234,20 @@ async def test_a_signin_that_upgrades_the_hash_cannot_undo_a_racing_password_cha
         token = (await sign_up_and_in(first, name))["access_token"]
         await db.execute(
             "UPDATE users SET password_hash = :hash WHERE username = :name",
-            {"hash": old_parameters.hash("Kiwi-Tango-57"), "name": name},
+            {"hash": old_parameters.hash("Kiwi-Tango-Mango-57"), "name": name},
         )
-        new = f"Better{round:02d}?"
+        new = f"Better-Plum-Pear-{round:02d}?"
 
         signin, change = await asyncio.gather(
-            signin_status(first, name, "Kiwi-Tango-57"), change_password(second, token, "Kiwi-Tango-57", new)
+            signin_status(first, name, "Kiwi-Tango-Mango-57"),
+            change_password(second, token, "Kiwi-Tango-Mango-57", new),
         )
 
         signins.append(signin)
         assert change == 204, round  # a signin never ends a token, so the change always wins
         assert signin in (200, 401), round
         assert await signin_status(first, name, new) == 200, round
-        assert await signin_status(first, name, "Kiwi-Tango-57") == 401, round
+        assert await signin_status(first, name, "Kiwi-Tango-Mango-57") == 401, round
     print(f"signins racing a password change: {signins.count(200)} answered 200, {signins.count(401)} 401")
 
 
@@ -257,11 +258,11 @@ async def test_a_password_change_racing_deletion_never_answers_500(
     for round in range(ROUNDS):
         name = f"gone{round:02d}"
         token = (await sign_up_and_in(first, name))["access_token"]
-        new = f"Better{round:02d}?"
+        new = f"Better-Plum-Pear-{round:02d}?"
 
         change, deletion = await asyncio.gather(
-            change_password(first, token, "Kiwi-Tango-57", new),
-            second.request("DELETE", "/api/users/me", json={"password": "Kiwi-Tango-57"}, headers=bearer(token)),
+            change_password(first, token, "Kiwi-Tango-Mango-57", new),
+            second.request("DELETE", "/api/users/me", json={"password": "Kiwi-Tango-Mango-57"}, headers=bearer(token)),
         )
 
         assert sorted([change, deletion.status_code]) == [204, 401], (round, change, deletion.text)
@@ -283,7 +284,7 @@ async def test_a_profile_update_racing_deletion_never_answers_500(
 
         update, deletion = await asyncio.gather(
             first.patch("/api/users/me", json={"address": "Seoul"}, headers=bearer(token)),
-            second.request("DELETE", "/api/users/me", json={"password": "Kiwi-Tango-57"}, headers=bearer(token)),
+            second.request("DELETE", "/api/users/me", json={"password": "Kiwi-Tango-Mango-57"}, headers=bearer(token)),
         )
 
         assert deletion.status_code == 204, round  # an update does not end the token

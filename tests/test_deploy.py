@@ -51,7 +51,9 @@ def test_the_service_is_served_the_same_way_everywhere() -> None:
     command = server.command(Settings(host="0.0.0.0", port=9000, graceful_timeout=7), "--port", "9001")
     assert command[3:5] == ["app:create_app", "--factory"]
     assert "protocol:HttpProtocol" in command
-    assert {"--no-server-header", "--no-access-log", "--proxy-headers"} <= set(command)
+    assert {"--no-server-header", "--no-access-log", "--no-proxy-headers"} <= set(command)  # none trusted by default
+    behind = " ".join(server.command(Settings(forwarded_allow_ips="10.0.0.5")))
+    assert "--proxy-headers --forwarded-allow-ips 10.0.0.5" in behind
     joined = " ".join(command)
     assert "--host 0.0.0.0 --port 9000 --timeout-graceful-shutdown 7" in joined
     assert joined.endswith("--port 9001")  # given later, it wins

@@ -39,7 +39,7 @@ def test_curl_style_requests(service_url: str) -> None:
     # What the README's curl examples send: no client library, just the bytes.
     response = httpx.post(
         f"{service_url}/api/users/signup",
-        content=b'{"username": "bob", "password": "Kiwi-Tango-57", "email": "bob@example.com"}',
+        content=b'{"username": "bob", "password": "Kiwi-Tango-Mango-57", "email": "bob@example.com"}',
         headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 201

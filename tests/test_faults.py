@@ -9,6 +9,7 @@ table is printed at the end of every run that includes them.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -32,6 +33,7 @@ from chaos import (
     sign_up_many,
 )
 from clusters import StartService
+from conftest import signup_body
 
 pytestmark = [pytest.mark.faults, pytest.mark.anyio]
 
@@ -236,7 +238,7 @@ async def test_clients_that_disconnect_leave_nothing_checked_out(
 
     async def hang_up(i: int) -> None:
         username = f"gone{i:04d}"
-        body = f'{{"username": "{username}", "password": "Kiwi-Tango-57", "email": "{username}@example.com"}}'.encode()
+        body = json.dumps(signup_body(username)).encode()
         head = (
             f"POST /api/users/signup HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"

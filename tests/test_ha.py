@@ -183,7 +183,7 @@ async def test_replicas_behind_a_load_balancer_share_users_and_tokens_and_surviv
         one, other = (httpx.AsyncClient(base_url=r.url) for r in replicas)
         async with one, other:
             assert (await sign_up(one, "roamer")).status == 201
-            body = {"username": "roamer", "password": "Kiwi-Tango-57"}
+            body = {"username": "roamer", "password": "Kiwi-Tango-Mango-57"}
             tokens = (await other.post("/api/users/signin", json=body)).json()
             bearer = {"Authorization": f"Bearer {tokens['refresh_token']}"}
             refreshed = await one.post("/api/users/refresh", headers=bearer)

@@ -113,7 +113,7 @@ async def test_the_500_page_says_nosniff_too(unmigrated_url: str, start_service:
 async def test_answers_with_tokens_or_private_data_are_not_stored(service: ServiceProcess) -> None:
     async with httpx.AsyncClient(base_url=service.url) as client:
         signup = await client.post("/api/users/signup", json=signup_body("alice"))
-        signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
+        signin = await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-Mango-57"})
         tokens = signin.json()
         access = {"Authorization": f"Bearer {tokens['access_token']}"}
         private = [

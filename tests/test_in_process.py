@@ -35,7 +35,7 @@ async def users_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_the_in_process_fixture_serves_the_api(users_client: httpx.AsyncClient) -> None:
-    body = {"username": "alice", "password": "Kiwi-Tango-57", "email": "alice@example.com"}
+    body = {"username": "alice", "password": "Kiwi-Tango-Mango-57", "email": "alice@example.com"}
     assert (await users_client.post("/api/users/signup", json=body)).status_code == 201
     assert (await users_client.get("/api/users/alice")).json()["username"] == "alice"
 

@@ -30,6 +30,8 @@ from settings import Settings
 
 pytestmark = pytest.mark.anyio
 
+TOKEN = "scrape-token-0123456789abcdefghij"  # METRICS_TOKEN
+
 
 def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a Prometheus text exposition: (name, labels) -> value."""
@@ -44,8 +46,10 @@ def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
     return found.get((name, frozenset(labels.items())), 0.0)
 
 
-async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    response = await client.get("/metrics")
+async def scrape(
+    client: httpx.AsyncClient, token: str | None = None
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     return samples(response.text)
@@ -133,7 +137,13 @@ async def test_with_metrics_off_there_is_no_metrics_route(settings: Settings) ->
 
 @pytest.fixture
 def two_workers(database_url: str, start_service: StartService, tmp_path: Path) -> ServiceProcess:
-    return start_service(database_url, WEB_CONCURRENCY="2", METRICS_DIR=str(tmp_path / "metrics"))
+    (tmp_path / "metrics-token").write_text(TOKEN + "\n")  # as a secret is mounted
+    return start_service(
+        database_url,
+        WEB_CONCURRENCY="2",
+        METRICS_DIR=str(tmp_path / "metrics"),
+        METRICS_TOKEN_FILE=str(tmp_path / "metrics-token"),
+    )
 
 
 def metric_files(directory: Path) -> set[str]:
@@ -156,7 +166,7 @@ async def test_with_two_workers_every_scrape_counts_the_whole_service(
     counts = []
     for _ in range(6):  # whichever worker answers the scrape
         async with httpx.AsyncClient(base_url=two_workers.url) as client:
-            found = await scrape(client)
+            found = await scrape(client, TOKEN)
         counts.append(value(found, "http_requests_total", method="GET", route="/api/users/{username}", status="404"))
 
     assert counts == [60] * 6
@@ -177,6 +187,21 @@ async def test_a_restarted_service_counts_from_zero(
     assert value(found, "http_requests_total", method="GET", route="/api/users/{username}", status="404") == 0
 
 
+async def test_with_a_metrics_token_only_a_request_bearing_it_is_answered(settings: Settings) -> None:
+    async with LifespanManager(create_app(replace(settings, metrics_token=TOKEN))) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            answers = [
+                await client.get("/metrics", headers=headers)
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"})
+            ]
+            assert await scrape(client, TOKEN)
+    for answer in answers:
+        assert answer.status_code == 401
+        assert answer.json() == {"detail": "The metrics need the METRICS_TOKEN bearer token."}
+        assert answer.headers["www-authenticate"] == 'Bearer realm="metrics"'
+
+
 # --- a real Prometheus scrapes the service ---------------------------------------------------
 
 
@@ -190,6 +215,7 @@ def prometheus(two_workers: ServiceProcess, tmp_path: Path) -> Iterator[str]:
     config.write_text(
         "global:\n  scrape_interval: 1s\n"
         f"scrape_configs:\n  - job_name: users\n    static_configs:\n      - targets: ['{target}']\n"
+        f"    authorization:\n      credentials: {TOKEN}\n"
     )
     command = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"]
     with (tmp_path / "prometheus.log").open("w") as log:

@@ -17,9 +17,10 @@ from starlette.routing import Route
 
 from app import OPERATIONS
 from openapi import openapi_document
+from password_rules import PasswordRules
 
 TESTS_DIR = Path(__file__).resolve().parent
-DOCUMENT = openapi_document(OPERATIONS)
+DOCUMENT = openapi_document(OPERATIONS, PasswordRules())
 
 
 def test_every_route_is_documented_and_every_operation_is_routed(app: Starlette) -> None:
@@ -67,7 +68,7 @@ async def test_the_document_is_served(client: httpx.AsyncClient) -> None:
 def test_schemathesis_finds_no_failure_of_any_check(service_url: str) -> None:
     """All checks, every phase (coverage, fuzzing, stateful links), a fixed seed, bounded examples,
     signed in as a real user; no hooks and no custom strategies (tests/schemathesis.toml)."""
-    body = {"username": "fuzzed", "password": "Kiwi-Tango-57", "email": "fuzzed@example.com"}
+    body = {"username": "fuzzed", "password": "Kiwi-Tango-Mango-57", "email": "fuzzed@example.com"}
     assert httpx.post(f"{service_url}/api/users/signup", json=body).status_code == 201
     credentials = {"username": "fuzzed", "password": body["password"]}
     tokens = [httpx.post(f"{service_url}/api/users/signin", json=credentials).json() for _ in range(3)]
@@ -144,7 +145,9 @@ from users_client import AuthenticatedClient, Client
 from users_client.api.accounts import get_me, refresh, signin, signout, signup, update_me
 from users_client.api.probes import healthz, readyz
 from users_client.api.profiles import get_user, list_users
-from users_client.models import Error, Page, PrivateProfile, ProfileUpdate, PublicProfile, Signin, Signup, TokenPair
+from users_client.models import (
+    Error, Page, PrivateProfile, ProfileUpdate, PublicProfile, Signin, SigninTokens, Signup, TokenPair,
+)
 
 url = sys.argv[1]
 client = Client(base_url=url, raise_on_unexpected_status=True)
@@ -159,11 +162,11 @@ def step(response, status, model):
     return response.parsed
 
 
-password = "Kiwi-Tango-57"
+password = "Kiwi-Tango-Mango-57"
 new_user = Signup("carol", password, "carol@example.com")
 profile = step(signup.sync_detailed(client=client, body=new_user), 201, PrivateProfile)
 assert step(get_user.sync_detailed("carol", client=client), 200, PublicProfile).id == profile.id
-pair = step(signin.sync_detailed(client=client, body=Signin("carol", password)), 200, TokenPair)
+pair = step(signin.sync_detailed(client=client, body=Signin("carol", password)), 200, SigninTokens)
 me = AuthenticatedClient(base_url=url, token=pair.access_token, raise_on_unexpected_status=True)
 assert step(get_me.sync_detailed(client=me), 200, PrivateProfile).email == "carol@example.com"
 changes = ProfileUpdate(address="Seoul", phone_number="01012345678")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from app import OPERATIONS, create_app
+from app import create_app
 from chaos import ServiceProcess, sign_up_many
 from conftest import PROJECT_DIR, DirectDatabase, signup_body
-from openapi import openapi_document
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -122,6 +122,25 @@ async def test_the_text_format_says_the_same(database_url: str, tmp_path: Path) 
     assert "Started server process" in service.log()
 
 
+async def test_no_field_can_start_a_forged_line_in_the_text_format(database_url: str, tmp_path: Path) -> None:
+    service = ServiceProcess(database_url, tmp_path / "service.log", LOG_FORMAT="text")
+    forged = "%0a2026-12-07 21:00:00,000 ERROR [users] forged%0d%1b[31m%e2%80%a8"
+    try:
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            assert (await client.get(f"/api/users/x{forged}", headers={"X-Request-ID": "forge-1"})).status_code == 404
+            # uvicorn's own lines go through the same formatter
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+            writer.write(b"GET /\x00\n\r\n\r\n")
+            await reader.read()
+            writer.close()
+    finally:
+        service.stop()
+    lines = service.log().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[", line) for line in lines), lines
+    line = next(line for line in lines if "request_id=forge-1" in line)
+    assert "GET /api/users/x\\x0a2026-12-07 21:00:00,000 ERROR [users] forged\\x0d\\x1b[31m\\u2028 404" in line
+
+
 # --- the drain ------------------------------------------------------------------------------------
 
 
@@ -191,7 +210,7 @@ def test_the_docs_page_renders_every_operation_and_try_it_out_works(service_url:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
-    document = openapi_document(OPERATIONS)
+    document = httpx.get(f"{service_url}/openapi.json").json()
     documented = [
         f"operations-{op['tags'][0]}-{op['operationId']}" for ops in document["paths"].values() for op in ops.values()
     ]

@@ -52,10 +52,10 @@ async def test_two_workers_work_through_pgbouncer_with_the_flag(
 ) -> None:
     service = start_service(pgbouncer.url(database), DB_PGBOUNCER="true", WEB_CONCURRENCY="2")
     async with httpx.AsyncClient(base_url=service.url) as client:
-        body = {"username": "alice", "password": "Kiwi-Tango-57", "email": "alice@example.com"}
+        body = {"username": "alice", "password": "Kiwi-Tango-Mango-57", "email": "alice@example.com"}
         assert (await client.post("/api/users/signup", json=body)).status_code == 201
         tokens = (
-            await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-57"})
+            await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-Mango-57"})
         ).json()
         me = await client.get("/api/users/me", headers={"Authorization": f"Bearer {tokens['access_token']}"})
         assert me.json()["username"] == "alice"

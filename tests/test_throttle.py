@@ -24,7 +24,7 @@ from settings import Settings
 
 pytestmark = pytest.mark.anyio
 
-PASSWORD = "Kiwi-Tango-57"
+PASSWORD = "Kiwi-Tango-Mango-57"
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     verify = passwords._verify
 
-    def counting(password_hash: str | None, password: str) -> bool:
+    def counting(password_hash: str | None, password: str) -> tuple[bool, bool]:
         seen.append(password)
         return verify(password_hash, password)
 
@@ -104,12 +104,15 @@ async def test_a_success_clears_that_usernames_count_for_that_address(app: Starl
         for _ in range(4):
             assert (await signin(client, "alice", "Wrong-Guess-1")).status_code == 401
         assert (await signin(client, "alice", PASSWORD)).status_code == 200
-        assert await db.rows("SELECT * FROM signin_failures WHERE username = 'alice'") == []
+        assert await db.rows("SELECT * FROM signin_failures WHERE username = 'alice' AND address <> ''") == []
+        # The account's count does not forget (the owner's success does not let a guesser start again).
+        assert await db.scalar("SELECT failures FROM signin_failures WHERE address = '' AND username = 'alice'") == 4
         for _ in range(5):
             assert (await signin(client, "alice", "Wrong-Guess-1")).status_code == 401
         assert_429(await signin(client, "alice", "Wrong-Guess-1"))
-    # The address's count holds the failures only: the success was taken back from it.
-    assert await db.scalar("SELECT failures FROM signin_failures WHERE username = ''") == 10
+    # The address's count holds the failures only: the success was taken back from it, and so was
+    # the throttled attempt (the pair's rule stopped it).
+    assert await db.scalar("SELECT failures FROM signin_failures WHERE kind = 'password' AND username = ''") == 9
 
 
 async def test_fifty_failures_from_one_address_over_any_usernames_throttle_that_address(
@@ -140,7 +143,7 @@ async def test_the_window_expires_and_old_records_are_purged(settings: Settings,
         await asyncio.sleep(1.1)  # the window passes
 
         assert (await signin(client, "bob", "Wrong-Guess-1")).status_code == 401  # purges on the way
-        assert set(await db.column("SELECT username FROM signin_failures")) == {"bob", ""}
+        assert set(await db.column("SELECT username FROM signin_failures WHERE kind = 'password'")) == {"bob", ""}
         assert (await signin(client, "alice", PASSWORD)).status_code == 200
 
 
@@ -156,27 +159,29 @@ async def test_a_limit_of_zero_turns_that_rule_off(
         await client.post("/api/users/signup", json=signup_body("alice"))
         statuses = [(await signin(client, "alice", "Wrong-Guess-1")).status_code for _ in range(8)]
     assert statuses == ([401] * 8 if user_limit == 0 else [401] * 5 + [429] * 3)
-    assert await db.scalar("SELECT count(*) FROM signin_failures WHERE username = ''") == (1 if address_limit else 0)
+    assert await db.scalar("SELECT count(*) FROM signin_failures WHERE kind = 'password' AND username = ''") == (
+        1 if address_limit else 0
+    )
 
 
-async def test_a_wrong_old_password_is_a_400_that_counts_towards_the_throttle(
+async def test_a_wrong_old_password_is_a_403_that_counts_towards_the_throttle(
     app: Starlette, db: DirectDatabase
 ) -> None:
     async with client_from(app, "198.51.100.7") as client:
         await client.post("/api/users/signup", json=signup_body("alice"))
         token = (await signin(client, "alice", PASSWORD)).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}
-        body = {"old_password": "Wrong-Guess-1", "new_password": "Better-Plum-88"}
+        body = {"old_password": "Wrong-Guess-1", "new_password": "Better-Plum-88-Grape"}
 
         wrong = await client.put("/api/users/me/password", json=body, headers=headers)
 
-        assert wrong.status_code == 400
+        assert wrong.status_code == 403
         assert wrong.json() == {
-            "detail": "Some fields are missing or invalid.",
+            "detail": "The request is valid, but its proof was refused; nothing was changed.",
             "errors": [{"field": "old_password", "message": "is not your current password"}],
         }
         for _ in range(4):
-            assert (await client.put("/api/users/me/password", json=body, headers=headers)).status_code == 400
+            assert (await client.put("/api/users/me/password", json=body, headers=headers)).status_code == 403
         assert_429(await client.put("/api/users/me/password", json=body, headers=headers))
         assert_429(await signin(client, "alice", PASSWORD))
         assert (await client.get("/api/users/me", headers=headers)).status_code == 200  # still signed in
@@ -190,7 +195,9 @@ def two_workers(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Ser
     services: list[ServiceProcess] = []
 
     def start(**settings: str) -> ServiceProcess:
-        service = ServiceProcess(database_url, tmp_path / "service.log", WEB_CONCURRENCY="2", **settings)
+        service = ServiceProcess(
+            database_url, tmp_path / "service.log", WEB_CONCURRENCY="2", FORWARDED_ALLOW_IPS="127.0.0.1", **settings
+        )
         services.append(service)
         return service
 
@@ -246,10 +253,75 @@ async def test_the_address_rule_across_workers_uses_the_forwarded_address(
     assert other[0] == 401
 
 
-async def test_a_forwarded_address_the_table_cannot_hold_is_cut_to_fit(
-    two_workers: Callable[..., ServiceProcess],
+# --- per account, whatever the address ------------------------------------------------------------
+
+
+async def test_failures_for_one_account_from_any_addresses_throttle_that_account(
+    settings: Settings, db: DirectDatabase, verifications: list[str]
 ) -> None:
-    service = two_workers()
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
-        for address in ("x" * 300, "not-an-address", "2001:db8::1%" + "eth" * 40, "é".encode() * 100):
-            assert (await timed(client, "alice", "Wrong-Guess-1", address))[0] == 401, address
+    assert Settings().signin_account_failure_limit == 100  # NIST SP 800-63B rev 4's most; 10 here, for speed
+    async with (
+        LifespanManager(create_app(replace(settings, signin_account_failure_limit=10))) as manager,
+        client_from(manager.app, "203.0.113.9") as owner,  # type: ignore[arg-type]
+    ):
+        await owner.post("/api/users/signup", json=signup_body("alice"))
+        statuses = []
+        for i in range(12):  # a botnet: a new address for every guess, each under its own limits
+            async with client_from(manager.app, f"198.51.100.{i}") as guesser:  # type: ignore[arg-type]
+                statuses.append((await signin(guesser, "Alice", f"Wrong-Guess-{i}")).status_code)
+        assert statuses == [401] * 10 + [429] * 2  # "Alice" is alice's account too
+        assert len(verifications) == 10
+        assert_429(await signin(owner, "alice", PASSWORD))  # the owner too, from anywhere new
+        assert (await signin(owner, "bob", "Wrong-Guess-1")).status_code == 401  # another account is not
+
+
+# --- signups, per address ---------------------------------------------------------------------------
+
+
+async def test_signups_from_one_address_are_limited_before_any_hash(
+    settings: Settings, db: DirectDatabase, verifications: list[str]
+) -> None:
+    assert (Settings().signup_address_limit, Settings().signup_window) == (50, 3600)
+    async with (
+        LifespanManager(create_app(replace(settings, signup_address_limit=3))) as manager,
+        client_from(manager.app, "198.51.100.7") as client,  # type: ignore[arg-type]
+        client_from(manager.app, "203.0.113.9") as other,  # type: ignore[arg-type]
+    ):
+        answers = [(await client.post("/api/users/signup", json=signup_body(name))) for name in ("a01", "a01", "a02")]
+        assert [answer.status_code for answer in answers] == [201, 409, 201]  # a 409 counts: it tells what exists
+        refused = await client.post("/api/users/signup", json=signup_body("a03"))
+        assert refused.status_code == 429
+        seconds = int(refused.headers["retry-after"])
+        assert 3500 < seconds <= 3600
+        assert refused.json() == {"detail": f"Too many signups from this address; try again in {seconds} seconds."}
+        assert (await client.post("/api/users/signup", json={"username": "a04"})).status_code == 400  # not counted
+        assert (await other.post("/api/users/signup", json=signup_body("b01"))).status_code == 201
+    assert await db.usernames() == ["a01", "a02", "b01"]
+
+
+async def test_a_signup_limit_of_zero_turns_it_off(settings: Settings, db: DirectDatabase) -> None:
+    async with (
+        LifespanManager(create_app(replace(settings, signup_address_limit=0))) as manager,
+        client_from(manager.app, "198.51.100.7") as client,  # type: ignore[arg-type]
+    ):
+        for name in ("a01", "a02", "a03"):
+            assert (await client.post("/api/users/signup", json=signup_body(name))).status_code == 201
+    assert await db.scalar("SELECT count(*) FROM signin_failures") == 0
+
+
+# --- bounded bookkeeping --------------------------------------------------------------------------
+
+
+async def test_a_throttled_spray_adds_no_rows_and_no_counts(
+    settings: Settings, db: DirectDatabase, verifications: list[str]
+) -> None:
+    async with (
+        LifespanManager(create_app(replace(settings, signin_address_failure_limit=5))) as manager,
+        client_from(manager.app, "198.51.100.7") as client,  # type: ignore[arg-type]
+    ):
+        statuses = [(await signin(client, f"random{i:03d}", "Wrong-Guess-1")).status_code for i in range(40)]
+    assert statuses == [401] * 5 + [429] * 35
+    assert len(verifications) == 5
+    # The address's row, and a row per account and per (address, account) for the five checked.
+    assert await db.scalar("SELECT count(*) FROM signin_failures") == 11
+    assert await db.scalar("SELECT failures FROM signin_failures WHERE username = ''") == 6  # capped past its limit
