@@ -1,49 +1,13 @@
-"""Every setting, declared once: its environment variable, default, parser and meaning.
-
-`Settings.from_environ()` reads them (environment only, through starlette.config: no .env file),
-and the README's configuration table is `python settings.py`'s output (a test compares the two).
+"""Every setting, declared once: its environment variable, default, parser and meaning (environ.py
+says how). `Settings.from_environ()` reads them, and the README's configuration table is
+`python settings.py`'s output (a test compares the two).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-from starlette.config import Config
-
-T = TypeVar("T")
-
-
-def setting(
-    name: str, default: T, parse: Callable[[str], T], meaning: str, shown: str | None = None, secret: bool = False
-) -> T:
-    """A field of Settings, read from the environment variable `name`; `shown` is its default as
-    the README says it, where that is not the value itself. A `secret` may come from a file named
-    by `{name}_FILE` instead (Docker and Kubernetes secrets)."""
-    metadata = {"name": name, "parse": parse, "meaning": meaning, "shown": shown, "secret": secret}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def boolean(value: str) -> bool:
-    if value.lower() not in ("true", "1", "false", "0"):
-        raise ValueError(f"expected true or false, not {value!r}")
-    return value.lower() in ("true", "1")
-
-
-def optional(value: str) -> str | None:
-    return value or None
-
-
-def comma_separated(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-def token_algorithm(value: str) -> str:
-    if value not in ("ES256", "EdDSA", "RS256"):
-        raise ValueError(f"TOKEN_ALGORITHM must be ES256, EdDSA or RS256, not {value!r}")
-    return value
+from environ import boolean, comma_separated, from_environ, optional, readme_table, setting
 
 
 def password_min_length(value: str) -> int:
@@ -51,6 +15,12 @@ def password_min_length(value: str) -> int:
     if not 8 <= length <= 64:
         raise ValueError(f"must be 8 (ASVS 5.0's floor) to 64, not {length}")
     return length
+
+
+def token_algorithm(value: str) -> str:
+    if value not in ("ES256", "EdDSA", "RS256"):
+        raise ValueError(f"TOKEN_ALGORITHM must be ES256, EdDSA or RS256, not {value!r}")
+    return value
 
 
 def log_format(value: str) -> str:
@@ -242,59 +212,8 @@ class Settings:
 
     @classmethod
     def from_environ(cls) -> Settings:
-        config = Config()  # environment only: no .env file is read
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            name = field.metadata["name"]
-            raw = config(name, default=None)
-            if field.metadata["secret"]:
-                raw = from_file(name, raw, config(f"{name}_FILE", default=None))
-            if raw is not None:
-                try:
-                    values[field.name] = field.metadata["parse"](raw)
-                except ValueError as exc:
-                    raise ValueError(f"{field.metadata['name']}: {exc}") from None
-        return cls(**values)
-
-
-def from_file(name: str, value: str | None, path: str | None) -> str | None:
-    """A secret's value, from `{name}_FILE` if that is set (its trailing newline dropped). Errors
-    name the setting, never its value."""
-    if path is None:
-        return value
-    if value is not None:
-        raise ValueError(f"{name} and {name}_FILE are both set: set one of them")
-    try:
-        with open(path) as file:
-            return file.read().rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"{name}_FILE: cannot read {path} ({exc.strerror})") from None
-
-
-def shown(value: object) -> str:
-    if value is None or value == ():
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple):
-        return ",".join(value)
-    return str(value)
-
-
-def readme_table() -> str:
-    """The README's configuration table, made from the declarations above."""
-    lines = ["| variable | default | meaning |", "|---|---|---|"]
-    for field in dataclasses.fields(Settings):
-        default = field.metadata["shown"] or f"`{shown(field.default)}`"
-        default = "none" if default == "`none`" else default
-        name = f"`{field.metadata['name']}`" + (
-            f" (or `{field.metadata['name']}_FILE`)" if field.metadata["secret"] else ""
-        )
-        lines.append(f"| {name} | {default} | {field.metadata['meaning']} |")
-    return "\n".join(lines)
+        return cls(**from_environ(cls))
 
 
 if __name__ == "__main__":
-    print(readme_table())
+    print(readme_table(Settings))

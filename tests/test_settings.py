@@ -9,14 +9,15 @@ import re
 import pytest
 
 from conftest import PROJECT_DIR
-from settings import Settings, readme_table
+from environ import readme_table
+from settings import Settings
 
 
 def test_the_readme_table_is_the_declarations() -> None:
     readme = (PROJECT_DIR / "README.md").read_text()
     table = re.search(r"^\| variable \| default \| meaning \|\n(?:\|.*\n)+", readme, re.MULTILINE)
     assert table is not None
-    assert table.group(0).strip() == readme_table(), "the README's table differs: paste `python settings.py`"
+    assert table.group(0).strip() == readme_table(Settings), "the README's table differs: paste `python settings.py`"
 
 
 def test_every_setting_is_read_from_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
