@@ -1,13 +1,14 @@
-"""The account routes: signup, signin, refresh and signout (token families), and /me.
+"""The routes that make and end sessions: signup, signin (by username or email), refresh and
+signout. A session is a token family, one per signin (docs/accounts.md).
 
-Each route that checks a password reads what it needs in a short transaction of its own, hashes
-holding nothing, and then writes through the request's session with a conditional statement
-(docs/hashing.md). Tokens come in families, one per signin (docs/accounts.md).
+A signin reads what it needs in a short transaction of its own, hashes holding nothing, and then
+writes through the request's session with a conditional statement (docs/hashing.md).
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError
 from starlette.background import BackgroundTask
@@ -15,29 +16,20 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from auth import authenticate, bad_credentials, no_longer_valid, revoked, token_claims
+from audit import Origin, purge, record
+from auth import bad_credentials, no_longer_valid, revoked, token_claims
 from breaches import BREACHED
-from db import Database, database, transaction
-from errors import ProofRefused, error_response, field_error
-from models import User
+from db import DBSession, database, transaction
+from errors import error_response, field_error
+from models import IDENTIFIER_LENGTH, TokenFamily, User, email_key
 from openapi import BODY_ERRORS, Operation
 from passwords import hash_password, verify_password
 from resources import resources
-from schemas import (
-    AccountDeletion,
-    PasswordChange,
-    PrivateProfile,
-    ProfileUpdate,
-    Signin,
-    SigninTokens,
-    Signup,
-    TokenPair,
-    model_response,
-    read_json_body,
-)
+from responses import PrivateProfile, SigninTokens, TokenPair, model_response
+from schemas import Signin, Signup, read_json_body
 from stores import TokenFamilyStore, UserStore, taken_key
-from throttle import Attempt, Rule, address_key, count_attempt, count_signup, signin_rules
-from tokens import Claims
+from throttle import Rule, address_key, count_attempt, count_signup, signin_rules
+from tokens import Claims, unauthorized
 
 
 async def signup(request: Request) -> Response:
@@ -46,179 +38,163 @@ async def signup(request: Request) -> Response:
     if await resources(request).breaches.breached(data.password):
         raise field_error("password", BREACHED)
     password_hash = await hash_password(data.password, resources(request).hash_limiter)
-    store = UserStore(request.state.session)
+    session = request.state.session
     try:
-        user = await store.create(username=data.username, email=data.email, password_hash=password_hash)
+        user = await UserStore(session).create(username=data.username, email=data.email, password_hash=password_hash)
     except IntegrityError as error:
         # The unique constraints decide, so two racing signups cannot both win.
         raise HTTPException(409, f"{taken_key(error).capitalize()} already exists") from None
+    await record(session, "signup", user, request=request)
+    await purge(session, resources(request).settings.audit_retention_days)
     return model_response(PrivateProfile.model_validate(user), 201, private=True)
+
+
+async def find_account(request: Request, identifier: str) -> tuple[User | None, str]:
+    """The user a signin names (a username, or an email address: usernames have no @), read in a
+    short transaction of its own, so that nothing is held while the hash runs; and the key the
+    throttle counts the account by, the same for a name that matches nobody."""
+    async with transaction(database(request).reads) as session:
+        store = UserStore(session)
+        user = await (store.get_by_email(identifier) if "@" in identifier else store.get_by_username(identifier))
+    if user is not None:
+        return user, user.username_key
+    return None, (email_key(identifier) if "@" in identifier else identifier.lower())[:IDENTIFIER_LENGTH]
 
 
 async def signin(request: Request) -> Response:
     data = Signin.model_validate_json(await read_json_body(request))
     found = resources(request)
-    # A short read of its own, so that no connection or transaction is held while the hash runs.
-    async with transaction(database(request).reads) as session:
-        user = await UserStore(session).get_by_username(data.username)
+    user, account = await find_account(request, data.username)
     device = found.tokens.device(data.device_token, user.id) if user else None
-    account = user.username_key if user else data.username.lower()
+
+    async def went_over(session: DBSession, rule: Rule) -> None:
+        detail = f"{rule.kind} rule: {'address' if not rule.username else 'account' if not rule.address else 'pair'}"
+        await record(session, "signin_throttled", user, request=request, username=data.username, detail=detail)
+
     rules = signin_rules(found.settings, address_key(request), account, device)
-    attempt = await count_attempt(request, rules)  # a 429 here costs no hash
+    attempt = await count_attempt(request, rules, went_over=went_over)  # a 429 here costs no hash
     matches, rehash = await verify_password(user.password_hash if user else None, data.password, found.hash_limiter)
     if not matches:
+        async with transaction(database(request).writes) as session:  # said whatever the answer: committed now
+            await record(session, "signin_failed", user, request=request, username=data.username)
+            await purge(session, found.settings.audit_retention_days)
         raise bad_credentials()
     assert user is not None
+    if user.disabled:  # said only after the right password: a guesser learns nothing
+        async with transaction(database(request).writes) as session:  # committed although the answer is a 403
+            await attempt.succeeded(session)  # the password was right: not a failure
+            await record(session, "signin_failed", user, request=request, detail="the account is disabled")
+        raise disabled_account()
     new_hash = await hash_password(data.password, found.hash_limiter) if rehash else None
+    session = request.state.session
     # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
-    version = await UserStore(request.state.session).confirm_password(user.id, user.password_hash, new_hash)
-    if version is None:
+    signed_in = await UserStore(session).signed_in(user.id, user.password_hash, new_hash)
+    if signed_in is None:
         raise bad_credentials()
-    family = uuid.uuid4().hex  # this signin's tokens, refreshed or not, are one family
-    await TokenFamilyStore(request.state.session).start(family, user.id, found.tokens.family_expiry())
-    await attempt.succeeded(request.state.session, clear=True)
+    version, disabled = signed_in
+    if disabled:  # meanwhile (this request holds the write lock now: its count stays)
+        raise disabled_account()
+    family, origin = uuid.uuid4().hex, Origin.of(request)  # this signin's tokens, refreshed or not, are one family
+    expiry = min(found.tokens.family_expiry(), session_end(datetime.now(UTC), request))
+    await TokenFamilyStore(session).start(family, user.id, expiry, origin.user_agent, origin.address)
+    await attempt.succeeded(session, clear=True)
+    await record(session, "signin", user, request=request)
     pair = found.tokens.issue(user.id, version, family, 0)
     return model_response(SigninTokens(**pair, device_token=found.tokens.device_token(user.id)), private=True)
 
 
-async def end_family(db: Database, claims: Claims) -> None:
+def disabled_account() -> HTTPException:
+    return HTTPException(403, "This account is disabled.")
+
+
+def session_end(created_at: datetime, request: Request) -> datetime:
+    """When a session started then stops refreshing (SESSION_MAX_AGE), leeway included."""
+    settings = resources(request).settings
+    return created_at + timedelta(seconds=settings.session_max_age + settings.token_leeway)
+
+
+async def end_family(
+    request: Request, claims: Claims, event: str = "refresh_reused", detail: str = "its refresh token was used again"
+) -> None:
     """End the family of a refresh token that was presented again after it had been rotated: it
     has been copied, and nobody can tell the thief's copy from the owner's, so neither may go on.
 
     The other place (beside throttle.count_attempt) where the service writes whatever the request
     answers (a reuse is a 401): in a short transaction of its own, committed at once.
     """
-    async with transaction(db.writes) as session:
-        await TokenFamilyStore(session).end(claims.family, claims.user_id)
+    async with transaction(database(request).writes) as session:
+        if await TokenFamilyStore(session).end(claims.family, claims.user_id):
+            await record(session, event, await session.get(User, claims.user_id), request=request, detail=detail)
 
 
-async def newest_of_its_family(request: Request) -> Claims:
-    """The claims of the request's refresh token, if it is the newest of a live family; if it is
-    an older one (a reuse), the family ends, and either way the answer is 401.
+def reuse_forgiven(family: TokenFamily, claims: Claims, request: Request) -> bool:
+    """A refresh token of the generation just rotated away, presented within REFRESH_REUSE_GRACE of
+    that rotation: a client whose answer was lost, or a second tab, not a thief."""
+    grace = timedelta(seconds=resources(request).settings.refresh_reuse_grace)
+    return (
+        claims.generation == family.generation - 1
+        and family.rotated_at is not None
+        and datetime.now(UTC) - family.rotated_at <= grace
+    )
+
+
+async def family_of(request: Request, claims: Claims) -> TokenFamily:
+    """The live family of the request's refresh token, if the token is its newest (or was, within
+    the grace); otherwise a 401, and for a reuse or an expired session the family ends.
 
     A short read of its own, before the request's transaction begins: on SQLite that transaction
     would hold the write lock that ending the family needs.
     """
-    claims = token_claims(request, "refresh")
     async with transaction(database(request).reads) as session:
-        newest = await TokenFamilyStore(session).generation(claims.family, claims.user_id)
-    if newest is not None and newest != claims.generation:
-        await end_family(database(request), claims)
-    if newest != claims.generation:
+        family = await TokenFamilyStore(session).get(claims.family, claims.user_id)
+    if family is None:
         raise revoked()
-    return claims
+    if session_end(family.created_at, request) <= datetime.now(UTC):
+        await end_family(request, claims, "session_ended", "it reached SESSION_MAX_AGE")
+        raise unauthorized("The session has expired; sign in again")
+    if claims.generation != family.generation and not reuse_forgiven(family, claims, request):
+        await end_family(request, claims)
+        raise revoked()
+    return family
 
 
 def lost_a_race(request: Request, claims: Claims) -> Response:
-    """The same refresh token, used twice at once, and the other use came first: a reuse too. The
-    family ends once this answer is sent (its own session: this request holds a write lock)."""
-    task = BackgroundTask(end_family, database(request), claims)
+    """The same refresh token, used twice at once, past the grace, and the other use came first: a
+    reuse too. The family ends once this answer is sent (its own session: this request holds a
+    write lock)."""
+    task = BackgroundTask(end_family, request, claims)
     return error_response(401, "Token has been revoked", headers=revoked().headers, background=task)
 
 
 async def refresh(request: Request) -> Response:
-    claims = await newest_of_its_family(request)
+    claims = token_claims(request, "refresh")
+    family = await family_of(request, claims)
     tokens = resources(request).tokens
     families = TokenFamilyStore(request.state.session)
-    generation = await families.rotate(claims.family, claims.user_id, claims.generation, tokens.family_expiry())
-    if generation is None:
-        return lost_a_race(request, claims)
+    expiry = min(tokens.family_expiry(), session_end(family.created_at, request))
+    generation = None
+    if claims.generation == family.generation:  # conditional: of two at once, one rotates
+        generation = await families.rotate(claims.family, claims.user_id, claims.generation, expiry)
+    if generation is None:  # forgiven, or another rotation came first: what it made, if forgiven
+        current = await families.get(claims.family, claims.user_id)
+        if current is None or not reuse_forgiven(current, claims, request):
+            return lost_a_race(request, claims)
+        generation = current.generation  # the same line of generations: the family never forks
     user = await UserStore(request.state.session).current(claims.user_id, claims.version, claims.family)
     if user is None:
         raise no_longer_valid()
-    return model_response(
-        TokenPair.model_validate(tokens.issue(user.id, user.token_version, claims.family, generation)), private=True
-    )
+    pair = tokens.issue(user.id, user.token_version, claims.family, generation)
+    return model_response(TokenPair.model_validate(pair), private=True)
 
 
 async def signout(request: Request) -> Response:
-    claims = await newest_of_its_family(request)
-    if not await TokenFamilyStore(request.state.session).end(claims.family, claims.user_id, claims.generation):
-        return lost_a_race(request, claims)
+    claims = token_claims(request, "refresh")
+    await family_of(request, claims)
+    session = request.state.session
+    if not await TokenFamilyStore(session).end(claims.family, claims.user_id):
+        raise revoked()  # ended meanwhile
+    await record(session, "signout", await session.get(User, claims.user_id), request=request)
     return Response(status_code=204)  # the family has ended: its access tokens stop working too
-
-
-async def get_me(request: Request) -> Response:
-    user, _ = await authenticate(request, "access")
-    return model_response(PrivateProfile.model_validate(user), private=True)
-
-
-async def token_user(request: Request, claims: Claims) -> User:
-    """The user an access token names, read in a short transaction of its own (so that nothing is
-    held while a hash runs); a 401 if the token no longer holds."""
-    async with transaction(database(request).reads) as session:
-        user = await UserStore(session).current(claims.user_id, claims.version, claims.family)
-    if user is None:
-        raise no_longer_valid()
-    return user
-
-
-async def prove_password(request: Request, user: User, password: str, field: str) -> Attempt:
-    """Re-authentication, for what cannot be undone: nothing, if `password` is the user's; otherwise
-    a 403 naming `field` (the token was good, so not a 401: a client that treats 401 as "signed out"
-    would drop its session over a typo). Counted by the throttle like a signin."""
-    settings = resources(request).settings
-    attempt = await count_attempt(request, signin_rules(settings, address_key(request), user.username_key))
-    matches, _ = await verify_password(user.password_hash, password, resources(request).hash_limiter)
-    if not matches:
-        raise ProofRefused(field, "is not your current password")
-    return attempt
-
-
-async def update_me(request: Request) -> Response:
-    claims = token_claims(request, "access")
-    data = ProfileUpdate.model_validate_json(await read_json_body(request))
-    changes = data.model_dump(exclude_unset=True, exclude={"password"})
-    attempts = []
-    if data.password is not None:  # required with an email: a stolen token must not move the account
-        user = await token_user(request, claims)
-        attempts.append(await prove_password(request, user, data.password, "password"))
-        if "email" in changes:  # "Email already exists" tells whether an address is registered: counted too
-            settings = resources(request).settings
-            rule = Rule("email", address_key(request), user.username_key, settings.signin_failure_limit,
-                        settings.signin_failure_window)  # fmt: skip
-            attempts.append(await count_attempt(request, [rule]))
-    try:
-        updated = await UserStore(request.state.session).update(claims.user_id, claims.version, claims.family, changes)
-    except IntegrityError:
-        raise HTTPException(409, "Email already exists") from None
-    if updated is None:
-        raise no_longer_valid()
-    for attempt in attempts:  # they were not failures: taken back if this answer commits
-        await attempt.succeeded(request.state.session)
-    return model_response(PrivateProfile.model_validate(updated), private=True)
-
-
-async def change_password(request: Request) -> Response:
-    claims = token_claims(request, "access")
-    found = resources(request)
-    data = PasswordChange.model_validate_json(await read_json_body(request), context=found.password_rules)
-    user = await token_user(request, claims)
-    if refusal := found.password_rules.context_refusal(data.new_password, user.username, user.email):
-        raise field_error("new_password", refusal)
-    if await found.breaches.breached(data.new_password):
-        raise field_error("new_password", BREACHED)
-    attempt = await prove_password(request, user, data.old_password, "old_password")
-    new_hash = await hash_password(data.new_password, found.hash_limiter)
-    # Only if the token still holds: a racing change or deletion that committed first makes this
-    # one fail (and has ended this token) instead of being overwritten.
-    store = UserStore(request.state.session)
-    if not await store.change_password(user.id, claims.version, claims.family, new_hash):
-        raise no_longer_valid()
-    await TokenFamilyStore(request.state.session).end_all(user.id)  # every earlier token is dead already
-    await attempt.succeeded(request.state.session)
-    return Response(status_code=204)
-
-
-async def delete_me(request: Request) -> Response:
-    claims = token_claims(request, "access")
-    body = await request.body()  # no body at all is a missing password, not a wrong content type
-    data = AccountDeletion.model_validate_json(await read_json_body(request) if body else b"{}")
-    attempt = await prove_password(request, await token_user(request, claims), data.password, "password")
-    if not await UserStore(request.state.session).delete(claims.user_id, claims.version, claims.family):
-        raise no_longer_valid()
-    await attempt.succeeded(request.state.session, clear=True)
-    return Response(status_code=204)  # its families went with it: every token it had stops working
 
 
 SIGNUP_LINKS = {
@@ -234,46 +210,25 @@ OPERATIONS = (
     Operation(
         "POST", "/api/users/signup", signup, "signup", "Create a user", "accounts", 201, PrivateProfile,
         (*BODY_ERRORS, 409, 429), body=Signup, links=SIGNUP_LINKS,
+        error_notes={
+            400: "The body is malformed or a field is invalid, or the password contains the username or the "
+            "email's local part (a rule across fields, which JSON Schema cannot state); nothing was written."
+        },
     ),
     Operation(
-        "POST", "/api/users/signin", signin, "signin", "Sign in: get an access and a refresh token", "accounts",
-        200, SigninTokens, (*BODY_ERRORS, 401, 429), body=Signin,
+        "POST", "/api/users/signin", signin, "signin",
+        "Sign in with a username or an email address: a session's access and refresh tokens", "accounts",
+        200, SigninTokens, (*BODY_ERRORS, 401, 403, 429), body=Signin,
+        error_notes={403: "The password is right, but the account is disabled."},
     ),
     Operation(
         "POST", "/api/users/refresh", refresh, "refresh",
-        "Trade a refresh token for a new pair (the presented one is spent)", "accounts", 200, TokenPair, (401,),
+        "Trade a refresh token for a new pair (the presented one is spent)", "sessions", 200, TokenPair, (401,),
         auth=True,
     ),
     Operation(
         "POST", "/api/users/signout", signout, "signout",
-        "Sign out: end this signin's session (its refresh and access tokens stop working)", "accounts", 204, None,
+        "Sign out: end this signin's session (its refresh and access tokens stop working)", "sessions", 204, None,
         (401,), auth=True,
-    ),
-    Operation(
-        "GET", "/api/users/me", get_me, "getMe", "Your private profile", "accounts", 200, PrivateProfile, (401,),
-        auth=True,
-    ),
-    Operation(
-        "PATCH", "/api/users/me", update_me, "updateMe",
-        "Change your email (with your password), address or phone number", "accounts", 200, PrivateProfile,
-        (*BODY_ERRORS, 401, 403, 409, 429), body=ProfileUpdate, auth=True,
-        error_notes={
-            400: "The body is malformed, a field is invalid, or password is missing; no change.",
-            403: "password is not your current password; no change.",
-        },
-    ),
-    Operation(
-        "DELETE", "/api/users/me", delete_me, "deleteMe", "Delete your account (takes its password)", "accounts",
-        204, None, (*BODY_ERRORS, 401, 403, 429), body=AccountDeletion, auth=True,
-        error_notes={
-            400: "The body is malformed, or password is missing; nothing was written.",
-            403: "password is not your current password; nothing was written.",
-        },
-    ),
-    Operation(
-        "PUT", "/api/users/me/password", change_password, "changePassword",
-        "Change your password (every session ends)", "accounts", 204, None, (*BODY_ERRORS, 401, 403, 429),
-        body=PasswordChange, auth=True,
-        error_notes={403: "old_password is not your current password; nothing was written."},
     ),
 )  # fmt: skip

@@ -17,6 +17,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 import accounts
+import admin
+import me
 import probes
 import profiles
 from db import DBSessionMiddleware
@@ -31,9 +33,9 @@ from openapi import docs_routes, routes_of
 from settings import Settings
 from tokens import make_tokens
 
-# The accounts' fixed paths (/api/users/me, /api/users/signup...) come before the profiles'
+# The fixed paths (/api/users/signup, /api/users/me...) come before the profiles'
 # /api/users/{username}: Starlette takes the first match.
-OPERATIONS = (*accounts.OPERATIONS, *profiles.OPERATIONS, *probes.OPERATIONS)
+OPERATIONS = (*accounts.OPERATIONS, *me.OPERATIONS, *profiles.OPERATIONS, *admin.OPERATIONS, *probes.OPERATIONS)
 
 
 class ServiceApp(Starlette):

@@ -87,17 +87,37 @@ class DBSessionMiddleware:
 
 class DBSession(AsyncSession):
     """An AsyncSession that knows how it ends: whether its connection is in autocommit (a reading
-    request on PostgreSQL: there is no transaction to commit or roll back), and how long closing
-    it may take."""
+    request on PostgreSQL: there is no transaction to commit or roll back), how long closing it
+    may take, and what to do once its transaction has committed."""
 
     def __init__(self, *args: Any, autocommit: bool = False, close_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.autocommit = autocommit
         self.close_timeout = close_timeout
+        self.committed: list[Callable[[], None]] = []
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once this transaction has committed, never if it rolls back: for what
+        must not be said of work that did not happen (an audit log line, waking the mail loop)."""
+        self.committed.append(callback)
 
     async def commit(self) -> None:
         if not self.autocommit:  # in autocommit every statement has committed on its own
             await super().commit()
+        callbacks, self.committed = self.committed, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # the commit happened: nothing after it may turn it into a 500
+                logger.exception("a callback after a commit failed")
+
+    async def rollback(self) -> None:
+        self.committed.clear()
+        await super().rollback()
+
+    async def close(self) -> None:
+        self.committed.clear()  # closed without a commit: rolled back
+        await super().close()
 
 
 async def close_session(session: DBSession) -> None:

@@ -62,8 +62,13 @@ class Metrics:
             "password_breach_check_failures_total", "Breached-password checks that got no answer from the range API.",
             registry=registry,
         )  # fmt: skip
+        self.auth_events = Counter(
+            "auth_events_total", "Events of the security trail, by kind (signin, signin_failed...).", ["event"],
+            registry=registry,
+        )  # fmt: skip
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._outcomes: dict[str, Any] = {}
+        self._events: dict[str, Any] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)
@@ -78,6 +83,12 @@ class Metrics:
         child = self._outcomes.get(outcome)
         if child is None:
             child = self._outcomes[outcome] = self.transactions.labels(outcome)
+        child.inc()
+
+    def audit_event(self, event: str) -> None:
+        child = self._events.get(event)
+        if child is None:
+            child = self._events[event] = self.auth_events.labels(event)
         child.inc()
 
     def watch_pool(self, pool_events_target: Any) -> None:

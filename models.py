@@ -8,16 +8,19 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     PrimaryKeyConstraint,
     String,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 from sqlalchemy.types import TypeDecorator
 
 
@@ -41,8 +44,10 @@ def email_key(email: str) -> str:
 
 # Case folding can lengthen a string (ß becomes ss); this is room for any 254-character address.
 EMAIL_KEY_LENGTH = 762
-# Room for any IPv6 address with a zone; longer "addresses" (from a proxy's header) are cut to it.
+# Room for any canonical address (addresses.py), and for a device token's id in the throttle.
 ADDRESS_LENGTH = 64
+USER_AGENT_LENGTH = 200  # what is kept of a client's User-Agent
+IDENTIFIER_LENGTH = 254  # what a signin names: a username, or an email address
 
 
 class Base(DeclarativeBase):
@@ -76,6 +81,9 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
     # Bumped when the password changes: every token issued before carries an older value.
     token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    last_signin_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
 class TokenFamily(Base):
@@ -93,6 +101,11 @@ class TokenFamily(Base):
     )
     generation: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the signin: SESSION_MAX_AGE counts from it
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the signin, then the latest refresh
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)  # when `generation` was made
+    user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_LENGTH), default=None)
+    address: Mapped[str | None] = mapped_column(String(ADDRESS_LENGTH), default=None)
 
 
 class SigninFailure(Base):
@@ -108,6 +121,40 @@ class SigninFailure(Base):
 
     kind: Mapped[str] = mapped_column(String(16))
     address: Mapped[str] = mapped_column(String(ADDRESS_LENGTH))
-    username: Mapped[str] = mapped_column(String(100))
+    username: Mapped[str] = mapped_column(String(IDENTIFIER_LENGTH))
     window_start: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     failures: Mapped[int] = mapped_column(Integer)
+
+
+EVENTS = (
+    "signup", "signin", "signin_failed", "signin_throttled", "refresh_reused", "signout", "session_ended",
+    "password_changed", "email_changed", "account_deleted", "account_disabled", "account_enabled",
+    "admin_granted", "admin_revoked", "throttle_cleared",
+)  # fmt: skip
+
+
+class AuditEvent(Base):
+    """The security trail: who signed in, failed, changed what, and which operator did what to
+    whom. Kept AUDIT_RETENTION_DAYS; a deleted account's events stay, with `user_id` emptied and
+    the username as it was."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_audit_events"),
+        Index("ix_audit_events_user_id", "user_id", "id"),
+        Index("ix_audit_events_username", "username", "id"),
+        Index("ix_audit_events_event", "event", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(ID_TYPE, Identity(always=False))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    event: Mapped[str] = mapped_column(String(32))  # one of EVENTS
+    user_id: Mapped[int | None] = mapped_column(
+        ID_TYPE, ForeignKey("users.id", ondelete="SET NULL", name="fk_audit_events_user")
+    )
+    username: Mapped[str | None] = mapped_column(String(IDENTIFIER_LENGTH))  # as it was, or as it was typed
+    address: Mapped[str | None] = mapped_column(String(ADDRESS_LENGTH))
+    user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_LENGTH))
+    actor: Mapped[str | None] = mapped_column(String(32))  # the operator, for what an operator did
+    detail: Mapped[str | None] = mapped_column(String(200))

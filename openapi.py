@@ -21,7 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from password_rules import PasswordRules, blocklist_pattern
 from resources import resources
-from schemas import Error
+from responses import Error
 
 ERRORS = {
     400: "The body or query is malformed or a field is invalid; nothing was written.",
@@ -39,9 +39,11 @@ ERRORS = {
 }
 BODY_ERRORS = (400, 408, 413, 415)
 TAGS = [
-    {"name": "accounts", "description": "Signing up and in, tokens, and your own account."},
+    {"name": "accounts", "description": "Signing up and in, and your own account."},
+    {"name": "sessions", "description": "Your sessions (one a signin), their tokens, and your security history."},
     {"name": "profiles", "description": "Public profiles, by username or as a list."},
     {"name": "tokens", "description": "The public keys that verify the service's tokens."},
+    {"name": "admin", "description": "What operators do: users, disabled accounts, sessions, the security trail."},
     {"name": "probes", "description": "Liveness, readiness and this document."},
 ]
 PATH_PARAMETER = re.compile(r"{(\w+)}")

@@ -15,7 +15,7 @@ from engine import is_unavailable
 from errors import error_response
 from openapi import Operation
 from resources import resources
-from schemas import KeySet, Readiness, Status
+from responses import KeySet, Readiness, Status
 from tokens import JWKS_MAX_AGE
 
 

@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from openapi import Operation
-from schemas import USERNAME_PATTERN, ListQuery, Page, PublicProfile, model_response
+from responses import Page, PublicProfile, model_response
+from schemas import USERNAME_PATTERN, ListQuery
 from stores import UserStore
 
 USERNAME = re.compile(USERNAME_PATTERN)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
@@ -20,9 +19,8 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
 
-from headers import NO_STORE
+from models import EVENTS
 from password_rules import MAX_LENGTH, PasswordRules, normalized
 
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
@@ -128,7 +126,9 @@ class Signup(Input):
 
 class Signin(Input):
     # Any string a username could be, and more (a wrong one is a 401, not a 400); never empty.
-    username: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_CONTROL_CHARACTERS)]
+    username: Annotated[str, StringConstraints(min_length=1, max_length=254, pattern=NO_CONTROL_CHARACTERS)] = Field(
+        description="A username, or the account's email address."
+    )
     password: AnyPassword
     device_token: Annotated[str, StringConstraints(max_length=2048)] | SkipJsonSchema[None] = Field(
         default=None,
@@ -194,82 +194,24 @@ class ListQuery(BaseModel):
     after: Username | None = None
 
 
-class PublicProfile(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    username: str
-    created_at: datetime
-
-
-class PrivateProfile(PublicProfile):
-    email: str
-    address: str | None
-    phone_number: str | None
-
-
-class Page(BaseModel):
-    items: list[PublicProfile]
-    next: str | None = Field(description="Pass as `after` to get the next page; null on the last page.")
-
-
-class TokenPair(BaseModel):
-    access_token: str
-    refresh_token: str
-    token_type: Literal["bearer"]
-
-
-class SigninTokens(TokenPair):
-    device_token: str = Field(description="Keep it, and send it with this account's next signin on this device.")
-
-
-class FieldError(BaseModel):
-    field: str
-    message: str
-
-
-class Error(BaseModel):
-    """The body of every error response."""
-
-    detail: str
-    errors: list[FieldError] | SkipJsonSchema[None] = Field(
-        default=None, description="Only for invalid fields.", json_schema_extra=_absent_default
+class AdminUsersQuery(ListQuery):
+    q: Annotated[str, StringConstraints(max_length=254, pattern=NO_CONTROL_CHARACTERS)] | None = Field(
+        default=None, description="Only users whose username or email starts with this, in any case."
     )
 
 
-class JsonWebKey(BaseModel):
-    """A public key (RFC 7517): `crv`, `x` and `y` for EC and OKP keys, `n` and `e` for RSA."""
+class EventsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    kty: Literal["EC", "OKP", "RSA"]
-    kid: str = Field(description="The key's RFC 7638 thumbprint, as in the header of the tokens it signed.")
-    alg: Literal["ES256", "EdDSA", "RS256"]
-    use: Literal["sig"]
-    crv: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
-    x: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
-    y: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
-    n: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
-    e: str | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_absent_default)
+    limit: int = Field(default=20, ge=1, le=100)
+    after: int | None = Field(default=None, ge=1, le=2**63 - 1, description="The previous page's `next`: older events.")
 
 
-class KeySet(BaseModel):
-    keys: list[JsonWebKey]
-
-
-class Status(BaseModel):
-    status: str
-
-
-class Readiness(Status):
-    revision: str = Field(description="The schema revision the database is at (Alembic's).")
-
-
-# --- in and out --------------------------------------------------------------------------------
-
-
-def model_response(model: BaseModel, status_code: int = 200, *, private: bool = False) -> Response:
-    """`private`: the body holds tokens or private data, which no cache may keep."""
-    headers = NO_STORE if private else None
-    return Response(model.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")
+class AdminEventsQuery(EventsQuery):
+    user: Annotated[str, StringConstraints(max_length=254, pattern=NO_CONTROL_CHARACTERS)] | None = Field(
+        default=None, description="Only the events of this username (as it was)."
+    )
+    event: Literal[EVENTS] | None = Field(default=None, description="Only events of this kind.")  # type: ignore[valid-type]
 
 
 async def read_json_body(request: Request) -> bytes:

@@ -125,6 +125,16 @@ class Settings:
     )
     access_token_ttl: int = setting("ACCESS_TOKEN_TTL", 900, int, "seconds an access token is valid (15 minutes)")
     refresh_token_ttl: int = setting("REFRESH_TOKEN_TTL", 604800, int, "seconds a refresh token is valid (7 days)")
+    session_max_age: int = setting(
+        "SESSION_MAX_AGE", 2592000, int,
+        "seconds after its signin that a session (a token family) stops refreshing, however often it was refreshed "
+        "(30 days)",
+    )
+    refresh_reuse_grace: float = setting(
+        "REFRESH_REUSE_GRACE", 10.0, float,
+        "seconds after a refresh during which the refresh token it spent still answers, with tokens of the session's "
+        "newest generation (a lost answer, two tabs); later, a reuse ends the session",
+    )
     token_leeway: float = setting(
         "TOKEN_LEEWAY", 30.0, float,
         "seconds of clock difference between replicas allowed when a token's `iat`, `nbf` and `exp` are checked",
@@ -170,6 +180,9 @@ class Settings:
         "signups from one address within `SIGNUP_WINDOW` before that address gets 429; `0` turns it off",
     )
     signup_window: int = setting("SIGNUP_WINDOW", 3600, int, "seconds a window of signups lasts, from its first")
+    audit_retention_days: int = setting(
+        "AUDIT_RETENTION_DAYS", 90, int, "days the security trail keeps an event (purged on the way)"
+    )
     cors_allow_origins: tuple[str, ...] = setting(
         "CORS_ALLOW_ORIGINS", (), comma_separated,
         "comma-separated origins that browsers may call the API from (`https://app.example.com`); empty: no CORS "

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Row, and_, bindparam, case, delete, exists, select, update
+from sqlalchemy import ColumnElement, Row, and_, bindparam, case, delete, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,22 +20,29 @@ from models import SigninFailure, TokenFamily, User, email_key
 
 
 def token_holds(user_id: Any, version: Any, family: Any) -> ColumnElement[bool]:
-    """What a token needs to be good: its user exists, still has the token's version (a password
-    change raises it), and the token's family is alive (signout and reuse end it)."""
+    """What a token needs to be good: its user exists, is not disabled, still has the token's
+    version (a password change raises it), and the token's family is alive (signout, reuse and
+    an operator end it)."""
     alive = exists().where(TokenFamily.id == family, TokenFamily.user_id == User.id)
-    return and_(User.id == user_id, User.token_version == version, alive)
+    return and_(User.id == user_id, User.token_version == version, User.disabled.is_(False), alive)
 
 
 # Built once: the hot lookups skip constructing (and cache-keying) a statement per request.
 BY_USERNAME = select(User).where(User.username == bindparam("username"))
+BY_EMAIL_KEY = select(User).where(User.email_key == bindparam("email_key"))
 CURRENT = select(User).where(token_holds(bindparam("user_id"), bindparam("version"), bindparam("family")))
 # Public profiles need three columns, not whole ORM objects: a Core select on the table loads
 # plain rows and skips the ORM's compile and loading steps.
 users = User.__table__
-PUBLIC = select(users.c.id, users.c.username, users.c.created_at)
+PUBLIC = select(users.c.id, users.c.username, users.c.created_at).where(users.c.disabled.is_(False))
 PUBLIC_BY_USERNAME = PUBLIC.where(users.c.username == bindparam("username"))
 # Core statements: nothing is loaded into the session, and no stale ORM state is flushed.
 NO_SYNC = {"synchronize_session": False}
+
+
+def escape_like(text: str) -> str:
+    """`text` matched literally by LIKE (with ESCAPE '\\'): its % and _ are not wildcards."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def taken_key(error: IntegrityError) -> Literal["username", "email"]:
@@ -56,6 +63,9 @@ class UserStore:
 
     async def get_by_username(self, username: str) -> User | None:
         return await self.session.scalar(BY_USERNAME, {"username": username})
+
+    async def get_by_email(self, email: str) -> User | None:
+        return await self.session.scalar(BY_EMAIL_KEY, {"email_key": email_key(email)})
 
     async def public_by_username(self, username: str) -> Row[int, str, datetime] | None:
         return (await self.session.execute(PUBLIC_BY_USERNAME, {"username": username})).first()
@@ -95,22 +105,17 @@ class UserStore:
         )
         return await self.session.scalar(statement, execution_options=NO_SYNC) is not None
 
-    async def confirm_password(self, user_id: int, checked_hash: str, new_hash: str | None = None) -> int | None:
-        """The user's token version if `checked_hash` (the hash a password was just verified
-        against) is still the user's, storing `new_hash` in its place if given; None otherwise."""
-        if new_hash is None:
-            version: int | None = await self.session.scalar(
-                select(User.token_version).where(User.id == user_id, User.password_hash == checked_hash)
-            )
-            return version
+    async def signed_in(self, user_id: int, checked_hash: str, new_hash: str | None = None) -> Row[int, bool] | None:
+        """Record a signin: (token version, disabled) if `checked_hash` (the hash a password was
+        just verified against) is still the user's, storing `new_hash` in its place if given;
+        None otherwise (a password change committed meanwhile)."""
         statement = (
             update(User)
             .where(User.id == user_id, User.password_hash == checked_hash)
-            .values(password_hash=new_hash)
-            .returning(User.token_version)
+            .values(last_signin_at=datetime.now(UTC), password_hash=new_hash or checked_hash)
+            .returning(User.token_version, User.disabled)
         )
-        version = await self.session.scalar(statement, execution_options=NO_SYNC)
-        return version
+        return (await self.session.execute(statement, execution_options=NO_SYNC)).first()
 
     async def delete(self, user_id: int, version: int, family: str) -> bool:
         """Delete the user (and so, by the foreign key, its token families) if the token still holds."""
@@ -124,6 +129,30 @@ class UserStore:
             query = query.where(users.c.username > after)
         return (await self.session.execute(query)).all()
 
+    async def admin_page(self, *, after: str | None, limit: int, prefix: str | None) -> Sequence[User]:
+        """Every user (disabled ones too), by username, keyset-paginated; `prefix`: only those whose
+        username or email starts with it, in any case."""
+        query = select(User).order_by(User.username).limit(limit)
+        if after is not None:
+            query = query.where(User.username > after)
+        if prefix:
+            pattern = escape_like(prefix.lower()) + "%"
+            folded = escape_like(email_key(prefix)) + "%"
+            query = query.where(
+                or_(User.username_key.like(pattern, escape="\\"), User.email_key.like(folded, escape="\\"))
+            )
+        return (await self.session.scalars(query)).all()
+
+    async def set_flags(self, user_id: int, **flags: bool) -> bool:
+        """Set `is_admin` or `disabled`; False if the user is gone."""
+        statement = update(User).where(User.id == user_id).values(**flags).returning(User.id)
+        return await self.session.scalar(statement, execution_options=NO_SYNC) is not None
+
+    async def delete_user(self, user_id: int) -> bool:
+        """Delete the user (an operator's doing: no token to hold); False if already gone."""
+        statement = delete(User).where(User.id == user_id).returning(User.id)
+        return await self.session.scalar(statement, execution_options=NO_SYNC) is not None
+
 
 class TokenFamilyStore:
     """Refresh-token families: one row per signin, whatever the number of refreshes."""
@@ -131,26 +160,42 @@ class TokenFamilyStore:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def start(self, family: str, user_id: int, expires_at: datetime) -> None:
-        """A new family at generation 0. Families whose last token has expired are purged on the
-        way: they protect nothing any more."""
-        await self.session.execute(delete(TokenFamily).where(TokenFamily.expires_at < datetime.now(UTC)))
-        self.session.add(TokenFamily(id=family, user_id=user_id, generation=0, expires_at=expires_at))
+    async def start(
+        self, family: str, user_id: int, expires_at: datetime, user_agent: str | None, address: str | None
+    ) -> None:
+        """A new family (a session) at generation 0. Families whose last token has expired are
+        purged on the way: they protect nothing any more."""
+        now = datetime.now(UTC)
+        await self.session.execute(delete(TokenFamily).where(TokenFamily.expires_at < now))
+        self.session.add(
+            TokenFamily(
+                id=family, user_id=user_id, generation=0, expires_at=expires_at, created_at=now, last_used_at=now,
+                user_agent=user_agent, address=address,
+            )
+        )  # fmt: skip
         await self.session.flush()
 
-    async def generation(self, family: str, user_id: int) -> int | None:
-        """The family's newest generation; None if it has ended (or never was)."""
-        statement = select(TokenFamily.generation).where(TokenFamily.id == family, TokenFamily.user_id == user_id)
-        generation: int | None = await self.session.scalar(statement)
-        return generation
+    async def get(self, family: str, user_id: int) -> TokenFamily | None:
+        """The family; None if it has ended (or never was, or is another user's)."""
+        statement = select(TokenFamily).where(TokenFamily.id == family, TokenFamily.user_id == user_id)
+        found: TokenFamily | None = await self.session.scalar(statement, execution_options={"populate_existing": True})
+        return found
+
+    async def of_user(self, user_id: int) -> Sequence[TokenFamily]:
+        """The user's live sessions, newest first."""
+        statement = select(TokenFamily).where(
+            TokenFamily.user_id == user_id, TokenFamily.expires_at >= datetime.now(UTC)
+        )
+        return (await self.session.scalars(statement.order_by(TokenFamily.created_at.desc(), TokenFamily.id))).all()
 
     async def rotate(self, family: str, user_id: int, generation: int, expires_at: datetime) -> int | None:
         """Move the family on from `generation`, if that is still its newest: the new generation.
         None if another rotation (or the family's end) came first."""
+        now = datetime.now(UTC)
         statement = (
             update(TokenFamily)
             .where(TokenFamily.id == family, TokenFamily.user_id == user_id, TokenFamily.generation == generation)
-            .values(generation=TokenFamily.generation + 1, expires_at=expires_at)
+            .values(generation=TokenFamily.generation + 1, expires_at=expires_at, last_used_at=now, rotated_at=now)
             .returning(TokenFamily.generation)
         )
         rotated: int | None = await self.session.scalar(statement, execution_options=NO_SYNC)
@@ -164,8 +209,13 @@ class TokenFamilyStore:
         statement = delete(TokenFamily).where(*condition).returning(TokenFamily.id)
         return await self.session.scalar(statement, execution_options=NO_SYNC) is not None
 
-    async def end_all(self, user_id: int) -> None:
-        await self.session.execute(delete(TokenFamily).where(TokenFamily.user_id == user_id))
+    async def end_all(self, user_id: int, *, but: str | None = None) -> int:
+        """End the user's families (but the one `but` names): how many there were."""
+        statement = delete(TokenFamily).where(TokenFamily.user_id == user_id)
+        if but is not None:
+            statement = statement.where(TokenFamily.id != but)
+        result = await self.session.execute(statement.returning(TokenFamily.id))
+        return len(result.all())
 
 
 class SigninFailureStore:
@@ -180,7 +230,8 @@ class SigninFailureStore:
     ) -> tuple[int, datetime]:
         """Count one more, in the current window or in a new one if it has passed, in one atomic
         statement (so that concurrent attempts cannot all read the same count), but not past
-        `limit + 1`: a rule over its limit stops counting. (count, window start)."""
+        `limit + 2`: a rule over its limit stops counting (`limit + 1` is the attempt that went
+        over, `limit + 2` any after it). (count, window start)."""
         dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
         expired = SigninFailure.window_start <= now - window
         statement = (
@@ -190,7 +241,7 @@ class SigninFailureStore:
                 index_elements=[SigninFailure.kind, SigninFailure.address, SigninFailure.username],
                 set_={
                     "failures": case(
-                        (expired, 1), (SigninFailure.failures > limit, SigninFailure.failures),
+                        (expired, 1), (SigninFailure.failures > limit + 1, SigninFailure.failures),
                         else_=SigninFailure.failures + 1,
                     ),
                     "window_start": case((expired, now), else_=SigninFailure.window_start),
@@ -221,6 +272,10 @@ class SigninFailureStore:
                 SigninFailure.kind == kind, SigninFailure.address == address, SigninFailure.username == username
             )
         )
+
+    async def forget(self, account: str) -> None:
+        """Every count of this account (the account's own, its pairs', its devices')."""
+        await self.session.execute(delete(SigninFailure).where(SigninFailure.username == account))
 
     async def purge(self, kind: str, before: datetime) -> None:
         """Windows of this kind that started before `before` count for nothing any more."""

@@ -12,7 +12,7 @@ earlier signin of that account), against that device alone. Signups are counted 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from addresses import client_address, throttle_key
-from db import database, transaction
+from db import DBSession, database, transaction
 from resources import resources
 from settings import Settings
 from stores import SigninFailureStore
@@ -76,12 +76,18 @@ def address_key(request: Request) -> str:
     return throttle_key(client_address(request.scope))
 
 
-async def count_attempt(request: Request, rules: Sequence[Rule], too_many: str = "Too many failed attempts") -> Attempt:
+async def count_attempt(
+    request: Request,
+    rules: Sequence[Rule],
+    too_many: str = "Too many failed attempts",
+    went_over: Callable[[DBSession, Rule], Awaitable[None]] | None = None,
+) -> Attempt:
     """Count an attempt against each rule, widest first, before its outcome is known (before the
     password is checked), so that concurrent guesses cannot all get through. Past a limit: a 429,
     and no hash is spent; the attempt stops counting there (the counts of wider rules are taken
-    back, and narrower ones never made), so that a throttled spray adds no rows. Windows that
-    have passed are purged on the way."""
+    back, and narrower ones never made), so that a throttled spray adds no rows. `went_over` is
+    called, in the same transaction, for the attempt that first passes a rule's limit in its
+    window (once, however many follow). Windows that have passed are purged on the way."""
     rules = [rule for rule in rules if rule.limit]
     if not rules:
         return Attempt(())
@@ -96,6 +102,8 @@ async def count_attempt(request: Request, rules: Sequence[Rule], too_many: str =
             count, window_start = await store.count(rule.kind, rule.address, rule.username, now, window, rule.limit)
             if count > rule.limit:
                 await Attempt(tuple(counted)).succeeded(session)
+                if count == rule.limit + 1 and went_over is not None:
+                    await went_over(session, rule)
                 seconds = max(1, math.ceil((window_start + window - now).total_seconds()))
                 break
             counted.append((rule, window_start))

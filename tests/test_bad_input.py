@@ -58,7 +58,7 @@ BAD_STRINGS = {
 # Signin takes any strings up to 100 characters: one that breaks the signup rules is a wrong
 # credential (401, tested in test_accounts.py), not malformed input. So does a password given to
 # re-authenticate (a wrong one is a 400 that the throttle counts: tests/test_throttle.py).
-SIGNIN_BAD_STRINGS = {"username": ["x" * 101], "password": ["x" * 101]}
+SIGNIN_BAD_STRINGS = {"username": ["x" * 255], "password": ["x" * 101]}  # a username or an email: 254 at most
 REAUTHENTICATION_BAD_STRINGS = {**BAD_STRINGS, "password": ["x" * 101]}
 
 

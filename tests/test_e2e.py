@@ -80,7 +80,7 @@ def test_the_readme_curl_walkthrough_works_verbatim(service_url: str) -> None:
 
     statuses = re.findall(r"HTTP/1\.1 (\d{3}) ", result.stdout)  # bodies end without a newline
     assert statuses == expected, result.stdout + result.stderr
-    assert len(expected) == 10
+    assert len(expected) == 12
 
 
 def test_a_failed_statement_logs_no_bound_parameter(tmp_path: Path) -> None:

@@ -21,12 +21,21 @@ async def client(database_url: str, start_service: StartService) -> AsyncIterato
         yield client
 
 
+@pytest.fixture
+async def strict(database_url: str, start_service: StartService) -> AsyncIterator[httpx.AsyncClient]:
+    """A service with no grace for a spent refresh token (REFRESH_REUSE_GRACE=0): any reuse is one."""
+    service = start_service(database_url, REFRESH_REUSE_GRACE="0")
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+        yield client
+
+
 # --- 1. families ----------------------------------------------------------------------------
 
 
 async def test_a_reused_refresh_token_ends_the_family_for_the_thief_and_the_owner(
-    client: httpx.AsyncClient, db: DirectDatabase
+    strict: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
+    client = strict
     stolen = await sign_up_and_in(client)
     owner = (await client.post("/api/users/refresh", headers=bearer(stolen["refresh_token"]))).json()
     elsewhere = await sign_in(client)  # another device: another family
@@ -41,9 +50,10 @@ async def test_a_reused_refresh_token_ends_the_family_for_the_thief_and_the_owne
     assert await db.scalar("SELECT count(*) FROM token_families") == 1
 
 
-async def test_racing_refreshes_of_one_token_rotate_once_and_then_end_the_family(
-    client: httpx.AsyncClient, db: DirectDatabase
+async def test_without_a_grace_racing_refreshes_of_one_token_rotate_once_and_then_end_the_family(
+    strict: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
+    client = strict
     tokens = await sign_up_and_in(client)
 
     answers = await asyncio.gather(

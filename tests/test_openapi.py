@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from app import OPERATIONS
+from conftest import PROJECT_DIR
 from openapi import openapi_document
 from password_rules import PasswordRules
 
@@ -65,11 +66,17 @@ async def test_the_document_is_served(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.e2e
-def test_schemathesis_finds_no_failure_of_any_check(service_url: str) -> None:
+def test_schemathesis_finds_no_failure_of_any_check(service_url: str, database_url: str) -> None:
     """All checks, every phase (coverage, fuzzing, stateful links), a fixed seed, bounded examples,
-    signed in as a real user; no hooks and no custom strategies (tests/schemathesis.toml)."""
+    signed in as a real user, an administrator (made so by the command line); no hooks and no
+    custom strategies (tests/schemathesis.toml)."""
     body = {"username": "fuzzed", "password": "Kiwi-Tango-Mango-57", "email": "fuzzed@example.com"}
     assert httpx.post(f"{service_url}/api/users/signup", json=body).status_code == 201
+    granted = subprocess.run(
+        [sys.executable, "manage.py", "grant-admin", "fuzzed"],
+        cwd=PROJECT_DIR, env={**os.environ, "DATABASE_URL": database_url}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert granted.stdout == "fuzzed is an administrator\n"
     credentials = {"username": "fuzzed", "password": body["password"]}
     tokens = [httpx.post(f"{service_url}/api/users/signin", json=credentials).json() for _ in range(3)]
     command = [
@@ -142,7 +149,8 @@ def test_a_client_generated_from_the_document_runs_the_curl_walkthrough(service_
 GENERATED_CLIENT_FLOW = """
 import sys
 from users_client import AuthenticatedClient, Client
-from users_client.api.accounts import get_me, refresh, signin, signout, signup, update_me
+from users_client.api.accounts import get_me, signin, signup, update_me
+from users_client.api.sessions import refresh, signout
 from users_client.api.probes import healthz, readyz
 from users_client.api.profiles import get_user, list_users
 from users_client.models import (
