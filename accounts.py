@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from account_mail import verification_link
 from audit import Origin, purge, record
 from auth import bad_credentials, no_longer_valid, revoked, token_claims
 from breaches import BREACHED
@@ -44,6 +45,7 @@ async def signup(request: Request) -> Response:
     except IntegrityError as error:
         # The unique constraints decide, so two racing signups cannot both win.
         raise HTTPException(409, f"{taken_key(error).capitalize()} already exists") from None
+    await verification_link(session, request, user, user.email)
     await record(session, "signup", user, request=request)
     await purge(session, resources(request).settings.audit_retention_days)
     return model_response(PrivateProfile.model_validate(user), 201, private=True)
@@ -80,11 +82,12 @@ async def signin(request: Request) -> Response:
             await purge(session, found.settings.audit_retention_days)
         raise bad_credentials()
     assert user is not None
-    if user.disabled:  # said only after the right password: a guesser learns nothing
+    if refusal := refused_signin(user, found.settings.require_verified_email):
+        # Said only after the right password: a guesser learns nothing.
         async with transaction(database(request).writes) as session:  # committed although the answer is a 403
             await attempt.succeeded(session)  # the password was right: not a failure
-            await record(session, "signin_failed", user, request=request, detail="the account is disabled")
-        raise disabled_account()
+            await record(session, "signin_failed", user, request=request, detail=refusal.detail)
+        raise refusal
     new_hash = await hash_password(data.password, found.hash_limiter) if rehash else None
     session = request.state.session
     # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
@@ -93,7 +96,7 @@ async def signin(request: Request) -> Response:
         raise bad_credentials()
     version, disabled = signed_in
     if disabled:  # meanwhile (this request holds the write lock now: its count stays)
-        raise disabled_account()
+        raise HTTPException(403, DISABLED)
     family, origin = uuid.uuid4().hex, Origin.of(request)  # this signin's tokens, refreshed or not, are one family
     expiry = min(found.tokens.family_expiry(), session_end(datetime.now(UTC), request))
     await TokenFamilyStore(session).start(family, user.id, expiry, origin.user_agent, origin.address)
@@ -103,8 +106,17 @@ async def signin(request: Request) -> Response:
     return model_response(SigninTokens(**pair, device_token=found.tokens.device_token(user.id)), private=True)
 
 
-def disabled_account() -> HTTPException:
-    return HTTPException(403, "This account is disabled.")
+DISABLED = "This account is disabled."
+
+
+def refused_signin(user: User, require_verified_email: bool) -> HTTPException | None:
+    """Why an account with the right password may not sign in: disabled, or (REQUIRE_VERIFIED_EMAIL)
+    its address not verified yet."""
+    if user.disabled:
+        return HTTPException(403, DISABLED)
+    if require_verified_email and not user.email_verified:
+        return HTTPException(403, "Verify your email address first: follow the link of the mail we sent.")
+    return None
 
 
 def session_end(created_at: datetime, request: Request) -> datetime:
@@ -219,7 +231,8 @@ OPERATIONS = (
         "POST", "/api/users/signin", signin, "signin",
         "Sign in with a username or an email address: a session's access and refresh tokens", "accounts",
         200, SigninTokens, (*BODY_ERRORS, 401, 403, 429), body=Signin,
-        error_notes={403: "The password is right, but the account is disabled."},
+        error_notes={403: "The password is right, but the account is disabled, or its email address is not verified "
+                     "yet and REQUIRE_VERIFIED_EMAIL is on."},
     ),
     Operation(
         "POST", "/api/users/refresh", refresh, "refresh",

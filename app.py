@@ -21,6 +21,7 @@ import admin
 import me
 import probes
 import profiles
+import recovery
 from db import DBSessionMiddleware
 from errors import database_error, http_error, server_error, validation_error
 from headers import SecurityHeadersMiddleware
@@ -35,7 +36,10 @@ from tokens import make_tokens
 
 # The fixed paths (/api/users/signup, /api/users/me...) come before the profiles'
 # /api/users/{username}: Starlette takes the first match.
-OPERATIONS = (*accounts.OPERATIONS, *me.OPERATIONS, *profiles.OPERATIONS, *admin.OPERATIONS, *probes.OPERATIONS)
+OPERATIONS = (
+    *accounts.OPERATIONS, *recovery.OPERATIONS, *me.OPERATIONS, *profiles.OPERATIONS, *admin.OPERATIONS,
+    *probes.OPERATIONS,
+)  # fmt: skip
 
 
 class ServiceApp(Starlette):

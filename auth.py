@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from db import database, transaction
 from models import User
 from resources import resources
 from stores import UserStore
@@ -43,3 +44,13 @@ async def authenticate(request: Request, token_type: TokenType) -> tuple[User, C
     if user is None:  # deleted, the password changed since, or the family has ended
         raise no_longer_valid()
     return user, claims
+
+
+async def token_user(request: Request, claims: Claims) -> User:
+    """The user an access token names, read in a short transaction of its own (so that nothing is
+    held while a hash runs); a 401 if the token no longer holds."""
+    async with transaction(database(request).reads) as session:
+        user = await UserStore(session).current(claims.user_id, claims.version, claims.family)
+    if user is None:
+        raise no_longer_valid()
+    return user

@@ -13,10 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from account_mail import notice, verification_link
 from audit import AuditStore, record
-from auth import authenticate, no_longer_valid, token_claims
+from auth import authenticate, no_longer_valid, token_claims, token_user
 from breaches import BREACHED
-from db import database, transaction
 from errors import ProofRefused, field_error
 from models import User
 from openapi import BODY_ERRORS, Operation
@@ -26,22 +26,11 @@ from responses import EventPage, PrivateProfile, Sessions, SessionView, event_pa
 from schemas import AccountDeletion, EventsQuery, PasswordChange, ProfileUpdate, read_json_body
 from stores import TokenFamilyStore, UserStore
 from throttle import Attempt, Rule, address_key, count_attempt, signin_rules
-from tokens import Claims
 
 
 async def get_me(request: Request) -> Response:
     user, _ = await authenticate(request, "access")
     return model_response(PrivateProfile.model_validate(user), private=True)
-
-
-async def token_user(request: Request, claims: Claims) -> User:
-    """The user an access token names, read in a short transaction of its own (so that nothing is
-    held while a hash runs); a 401 if the token no longer holds."""
-    async with transaction(database(request).reads) as session:
-        user = await UserStore(session).current(claims.user_id, claims.version, claims.family)
-    if user is None:
-        raise no_longer_valid()
-    return user
 
 
 async def prove_password(request: Request, user: User, password: str, field: str) -> Attempt:
@@ -79,6 +68,9 @@ async def update_me(request: Request) -> Response:
     for attempt in attempts:  # they were not failures: taken back if this answer commits
         await attempt.succeeded(session)
     if user is not None and "email" in changes and changes["email"] != user.email:
+        await verification_link(session, request, updated, updated.email)
+        what = f"Your email address was changed to {updated.email}"
+        await notice(session, request, updated, "email_changed_notice", what, to=user.email)  # the old address
         await record(session, "email_changed", updated, request=request, detail=f"from {user.email}")
     return model_response(PrivateProfile.model_validate(updated), private=True)
 
@@ -101,6 +93,7 @@ async def change_password(request: Request) -> Response:
         raise no_longer_valid()
     await TokenFamilyStore(session).end_all(user.id)  # every earlier token is dead already
     await attempt.succeeded(session)
+    await notice(session, request, user, "password_changed_notice", "Your password was changed")
     await record(session, "password_changed", user, request=request, detail="every session ended")
     return Response(status_code=204)
 

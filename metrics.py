@@ -66,6 +66,14 @@ class Metrics:
             "auth_events_total", "Events of the security trail, by kind (signin, signin_failed...).", ["event"],
             registry=registry,
         )  # fmt: skip
+        self.mail_messages = Counter(
+            "mail_messages_total", "Mails the delivery loop tried, by outcome: sent, retried, failed.", ["outcome"],
+            registry=registry,
+        )  # fmt: skip
+        self.mail_pending = Gauge(
+            "mail_outbox_pending", "Mails waiting in the outbox to be sent.", registry=registry,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._outcomes: dict[str, Any] = {}
         self._events: dict[str, Any] = {}

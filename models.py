@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     PrimaryKeyConstraint,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -84,6 +85,7 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_signin_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    email_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class TokenFamily(Base):
@@ -129,7 +131,8 @@ class SigninFailure(Base):
 EVENTS = (
     "signup", "signin", "signin_failed", "signin_throttled", "refresh_reused", "signout", "session_ended",
     "password_changed", "email_changed", "account_deleted", "account_disabled", "account_enabled",
-    "admin_granted", "admin_revoked", "throttle_cleared",
+    "admin_granted", "admin_revoked", "throttle_cleared", "password_reset_requested", "password_reset",
+    "email_verified",
 )  # fmt: skip
 
 
@@ -158,3 +161,56 @@ class AuditEvent(Base):
     user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_LENGTH))
     actor: Mapped[str | None] = mapped_column(String(32))  # the operator, for what an operator did
     detail: Mapped[str | None] = mapped_column(String(200))
+
+
+class AccountToken(Base):
+    """A password reset or email verification token: random, stored only as its SHA-256, valid
+    until `expires_at`, once (`used_at`). A verification token proves `email`, the address it was
+    sent to."""
+
+    __tablename__ = "account_tokens"
+    __table_args__ = (
+        PrimaryKeyConstraint("token_hash", name="pk_account_tokens"),
+        Index("ix_account_tokens_user_id", "user_id", "purpose"),
+    )
+
+    token_hash: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(16))  # "reset" or "verify"
+    # Checked at COMMIT: recovery.py writes a stand-in token in a savepoint that it rolls back.
+    user_id: Mapped[int] = mapped_column(
+        ID_TYPE,
+        ForeignKey(
+            "users.id", ondelete="CASCADE", name="fk_account_tokens_user", deferrable=True, initially="DEFERRED"
+        ),
+    )
+    email: Mapped[str] = mapped_column(String(254))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class MailMessage(Base):
+    """The outbox: a mail is written in the transaction of the request that sends it, and
+    delivered after that commits by the delivery loop (mailer.py). Once sent, its body is dropped."""
+
+    __tablename__ = "mail_outbox"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_mail_outbox"),
+        UniqueConstraint("message_id", name="uq_mail_outbox_message_id"),
+        Index("ix_mail_outbox_due", "status", "next_attempt_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(ID_TYPE, Identity(always=False))
+    message_id: Mapped[str] = mapped_column(String(200))  # the Message-ID header, the same on every try
+    kind: Mapped[str] = mapped_column(String(32))
+    recipient: Mapped[str] = mapped_column(String(254))
+    subject: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str | None] = mapped_column(Text)  # None once sent
+    status: Mapped[str] = mapped_column(String(16))  # "pending", "sent" or "failed"
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)  # a process is sending it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(String(200), default=None)
+    token_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)  # of the token it carries

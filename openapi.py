@@ -41,6 +41,7 @@ BODY_ERRORS = (400, 408, 413, 415)
 TAGS = [
     {"name": "accounts", "description": "Signing up and in, and your own account."},
     {"name": "sessions", "description": "Your sessions (one a signin), their tokens, and your security history."},
+    {"name": "recovery", "description": "Proving an address: password resets and email verification, by mail."},
     {"name": "profiles", "description": "Public profiles, by username or as a list."},
     {"name": "tokens", "description": "The public keys that verify the service's tokens."},
     {"name": "admin", "description": "What operators do: users, disabled accounts, sessions, the security trail."},

@@ -8,7 +8,8 @@ from starlette.requests import Request
 from audit import record
 from db import DBSession
 from models import User
-from stores import SigninFailureStore, TokenFamilyStore, UserStore
+from stores import TokenFamilyStore, UserStore
+from throttle import SigninFailureStore
 
 
 async def disable(session: DBSession, user: User, actor: str, request: Request | None = None) -> str:

@@ -10,6 +10,7 @@ import anyio
 from starlette.requests import Request
 
 from breaches import BreachCheck
+from mailer import Mailer
 from metrics import Metrics
 from migrate import SchemaRevisions
 from password_rules import PasswordRules
@@ -27,6 +28,7 @@ class Resources:
     draining: threading.Event  # set by SIGTERM: /readyz answers 503 from then on
     password_rules: PasswordRules  # what a new password must meet (the validation context of its models)
     breaches: BreachCheck  # the breached-password lookup (does nothing without PWNED_PASSWORDS_URL)
+    mailer: Mailer  # the delivery loop: its wake() after a commit that queued mail
 
 
 def resources(request: Request) -> Resources:

@@ -28,8 +28,13 @@ class PublicProfile(BaseModel):
 
 class PrivateProfile(PublicProfile):
     email: str
+    email_verified: bool = Field(description="Whether the address was proved, by the link of a verification mail.")
     address: str | None
     phone_number: str | None
+
+
+class Accepted(BaseModel):
+    detail: str
 
 
 class Page(BaseModel):

@@ -24,7 +24,7 @@ from models import EVENTS
 from password_rules import MAX_LENGTH, PasswordRules, normalized
 
 # Fixed paths under /api/users; a user with one of these names could never be looked up.
-RESERVED_USERNAMES = ("me", "signup", "signin", "refresh", "signout")
+RESERVED_USERNAMES = ("me", "signup", "signin", "refresh", "signout", "password-reset", "verify-email")
 USERNAME_PATTERN = r"^[a-zA-Z0-9_-]{3,20}$"
 PHONE_PATTERN = r"^010[0-9]{8}$"
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
@@ -185,6 +185,22 @@ class AccountDeletion(Input):
     """What deleting the account takes: its password (re-authentication, as for a new email)."""
 
     password: AnyPassword
+
+
+Token = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS)]
+
+
+class PasswordResetRequest(Input):
+    email: Email
+
+
+class PasswordResetConfirm(Input):
+    token: Token = Field(description="The token of the link in the password reset mail.")
+    new_password: Password
+
+
+class EmailProof(Input):
+    token: Token = Field(description="The token of the link in the verification mail.")
 
 
 class ListQuery(BaseModel):

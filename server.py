@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from logs import configure_logging, flush_logs
+from mail import Transport
 from settings import Settings
 from tokens import make_tokens
 
@@ -69,6 +70,7 @@ def check(settings: Settings) -> None:
             "share (docs/tokens.md; scripts/serve makes a development key)"
         )
     make_tokens(settings)
+    Transport.from_url(settings.mail_url)
 
 
 def fail(message: str, log_format: str) -> NoReturn:

@@ -180,6 +180,58 @@ class Settings:
         "signups from one address within `SIGNUP_WINDOW` before that address gets 429; `0` turns it off",
     )
     signup_window: int = setting("SIGNUP_WINDOW", 3600, int, "seconds a window of signups lasts, from its first")
+    mail_url: str = setting(
+        "MAIL_URL", "log:", str,
+        "where mail goes: `smtp://[user:pass@]host:port` (plain), `smtp+starttls://...`, `smtps://...` (TLS from the "
+        "start); `log:` writes each message to the log instead, tokens included, for development "
+        "([docs/mail.md](docs/mail.md))",
+        secret=True,
+    )
+    mail_from: str = setting("MAIL_FROM", "users@localhost", str, "the `From` of every mail")
+    app_url: str = setting(
+        "APP_URL", "http://127.0.0.1:8000", str,
+        "the application in front of the API: mails link to `{APP_URL}/reset-password?token=...` and "
+        "`{APP_URL}/verify-email?token=...`",
+    )
+    mail_delivery: bool = setting(
+        "MAIL_DELIVERY", True, boolean,
+        "`false`: this process queues mail but leaves its delivery to others (replicas, or a process of its own)",
+    )
+    mail_poll_interval: float = setting(
+        "MAIL_POLL_INTERVAL", 1.0, float,
+        "seconds between looks at the outbox (a process's own commits wake its delivery loop at once)",
+    )
+    mail_claim_lease: float = setting(
+        "MAIL_CLAIM_LEASE", 60.0, float,
+        "seconds a claimed message is another process's: longer than one SMTP conversation, after which a message "
+        "whose process died is sent again",
+    )
+    mail_retry_max_delay: float = setting(
+        "MAIL_RETRY_MAX_DELAY", 300.0, float, "longest wait before another try to send (from 1 s, doubling, jittered)"
+    )
+    mail_max_attempts: int = setting(
+        "MAIL_MAX_ATTEMPTS", 10, int, "tries to send a message before it is marked failed (a 5xx refusal: one)"
+    )
+    mail_retention: int = setting(
+        "MAIL_RETENTION", 604800, int, "seconds a sent message's record is kept (7 days; its body goes once sent)"
+    )
+    password_reset_ttl: int = setting("PASSWORD_RESET_TTL", 3600, int, "seconds a password reset token is valid, once")
+    password_reset_limit: int = setting(
+        "PASSWORD_RESET_LIMIT", 3, int,
+        "reset and verification mails asked for one email address an hour, whether it has an account or not; "
+        "then 429",
+    )
+    password_reset_address_limit: int = setting(
+        "PASSWORD_RESET_ADDRESS_LIMIT", 20, int,
+        "reset and verification mails asked for from one client address an hour; then 429",
+    )
+    email_verification_ttl: int = setting(
+        "EMAIL_VERIFICATION_TTL", 86400, int, "seconds an email verification token is valid, once (24 hours)"
+    )
+    require_verified_email: bool = setting(
+        "REQUIRE_VERIFIED_EMAIL", False, boolean,
+        "`true`: signin answers 403 for an account whose email is not verified (after the right password)",
+    )
     audit_retention_days: int = setting(
         "AUDIT_RETENTION_DAYS", 90, int, "days the security trail keeps an event (purged on the way)"
     )

@@ -8,15 +8,15 @@ change that committed in between (a lost update), and a row that is gone is "not
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Row, and_, bindparam, case, delete, exists, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.expression import false
 
-from models import SigninFailure, TokenFamily, User, email_key
+from models import TokenFamily, User, email_key
 
 
 def token_holds(user_id: Any, version: Any, family: Any) -> ColumnElement[bool]:
@@ -89,8 +89,10 @@ class UserStore:
         IntegrityError here."""
         if not changes:
             return await self.current(user_id, version, family)
-        if "email" in changes:
-            changes = {**changes, "email_key": email_key(changes["email"])}
+        if "email" in changes:  # another address is not proved yet (the same one, in another case, is)
+            key = email_key(changes["email"])
+            proved = case((User.email_key == key, User.email_verified), else_=false())
+            changes = {**changes, "email_key": key, "email_verified": proved}
         statement = update(User).where(token_holds(user_id, version, family)).values(changes).returning(User)
         return await self.session.scalar(statement, execution_options=NO_SYNC)
 
@@ -116,6 +118,25 @@ class UserStore:
             .returning(User.token_version, User.disabled)
         )
         return (await self.session.execute(statement, execution_options=NO_SYNC)).first()
+
+    async def set_password(self, user_id: int, password_hash: str) -> None:
+        """A new password (a reset's) and a new token version: every earlier token stops working."""
+        statement = (
+            update(User)
+            .where(User.id == user_id)
+            .values(password_hash=password_hash, token_version=User.token_version + 1)
+        )
+        await self.session.execute(statement, execution_options=NO_SYNC)
+
+    async def verified(self, user_id: int, email: str) -> User | None:
+        """Mark the user's address verified, if `email` (the address a token was sent to) is still it."""
+        statement = (
+            update(User)
+            .where(User.id == user_id, User.email_key == email_key(email))
+            .values(email_verified=True)
+            .returning(User)
+        )
+        return await self.session.scalar(statement, execution_options=NO_SYNC)
 
     async def delete(self, user_id: int, version: int, family: str) -> bool:
         """Delete the user (and so, by the foreign key, its token families) if the token still holds."""
@@ -216,69 +237,3 @@ class TokenFamilyStore:
             statement = statement.where(TokenFamily.id != but)
         result = await self.session.execute(statement.returning(TokenFamily.id))
         return len(result.all())
-
-
-class SigninFailureStore:
-    """The throttles' counts: attempts per (kind, address, username) in a window from the first
-    (see models.SigninFailure)."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
-    async def count(
-        self, kind: str, address: str, username: str, now: datetime, window: timedelta, limit: int
-    ) -> tuple[int, datetime]:
-        """Count one more, in the current window or in a new one if it has passed, in one atomic
-        statement (so that concurrent attempts cannot all read the same count), but not past
-        `limit + 2`: a rule over its limit stops counting (`limit + 1` is the attempt that went
-        over, `limit + 2` any after it). (count, window start)."""
-        dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
-        expired = SigninFailure.window_start <= now - window
-        statement = (
-            dialect.insert(SigninFailure)
-            .values(kind=kind, address=address, username=username, window_start=now, failures=1)
-            .on_conflict_do_update(
-                index_elements=[SigninFailure.kind, SigninFailure.address, SigninFailure.username],
-                set_={
-                    "failures": case(
-                        (expired, 1), (SigninFailure.failures > limit + 1, SigninFailure.failures),
-                        else_=SigninFailure.failures + 1,
-                    ),
-                    "window_start": case((expired, now), else_=SigninFailure.window_start),
-                },
-            )
-            .returning(SigninFailure.failures, SigninFailure.window_start)
-        )  # fmt: skip
-        failures, window_start = (await self.session.execute(statement)).one()
-        return failures, window_start
-
-    async def uncount(self, kind: str, address: str, username: str, window_start: datetime) -> None:
-        """Take back one count made in that window (it was not a failure after all)."""
-        await self.session.execute(
-            update(SigninFailure)
-            .where(
-                SigninFailure.kind == kind,
-                SigninFailure.address == address,
-                SigninFailure.username == username,
-                SigninFailure.window_start == window_start,
-                SigninFailure.failures > 0,
-            )
-            .values(failures=SigninFailure.failures - 1)
-        )
-
-    async def clear(self, kind: str, address: str, username: str) -> None:
-        await self.session.execute(
-            delete(SigninFailure).where(
-                SigninFailure.kind == kind, SigninFailure.address == address, SigninFailure.username == username
-            )
-        )
-
-    async def forget(self, account: str) -> None:
-        """Every count of this account (the account's own, its pairs', its devices')."""
-        await self.session.execute(delete(SigninFailure).where(SigninFailure.username == account))
-
-    async def purge(self, kind: str, before: datetime) -> None:
-        """Windows of this kind that started before `before` count for nothing any more."""
-        await self.session.execute(
-            delete(SigninFailure).where(SigninFailure.kind == kind, SigninFailure.window_start < before)
-        )

@@ -1,4 +1,5 @@
-"""The throttles: attempts counted in the database, so that every worker and replica shares them.
+"""The throttles: attempts counted in the database, so that every worker and replica shares them
+(their rules, and their SQL: SigninFailureStore).
 
 A password check (a signin, a re-authentication) is counted before its outcome is known, against
 its client address, its account and the pair of both; from a known device (a `device_token` of an
@@ -16,15 +17,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import case, delete, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from addresses import client_address, throttle_key
 from db import DBSession, database, transaction
+from models import SigninFailure
 from resources import resources
 from settings import Settings
-from stores import SigninFailureStore
 
 ANY = ""  # a rule over every address, or over every username
 
@@ -118,3 +121,69 @@ async def count_signup(request: Request) -> None:
     settings = resources(request).settings
     rule = Rule("signup", address_key(request), ANY, settings.signup_address_limit, settings.signup_window)
     await count_attempt(request, [rule], "Too many signups from this address")
+
+
+class SigninFailureStore:
+    """The throttles' counts: attempts per (kind, address, username) in a window from the first
+    (see models.SigninFailure)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def count(
+        self, kind: str, address: str, username: str, now: datetime, window: timedelta, limit: int
+    ) -> tuple[int, datetime]:
+        """Count one more, in the current window or in a new one if it has passed, in one atomic
+        statement (so that concurrent attempts cannot all read the same count), but not past
+        `limit + 2`: a rule over its limit stops counting (`limit + 1` is the attempt that went
+        over, `limit + 2` any after it). (count, window start)."""
+        dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
+        expired = SigninFailure.window_start <= now - window
+        statement = (
+            dialect.insert(SigninFailure)
+            .values(kind=kind, address=address, username=username, window_start=now, failures=1)
+            .on_conflict_do_update(
+                index_elements=[SigninFailure.kind, SigninFailure.address, SigninFailure.username],
+                set_={
+                    "failures": case(
+                        (expired, 1), (SigninFailure.failures > limit + 1, SigninFailure.failures),
+                        else_=SigninFailure.failures + 1,
+                    ),
+                    "window_start": case((expired, now), else_=SigninFailure.window_start),
+                },
+            )
+            .returning(SigninFailure.failures, SigninFailure.window_start)
+        )  # fmt: skip
+        failures, window_start = (await self.session.execute(statement)).one()
+        return failures, window_start
+
+    async def uncount(self, kind: str, address: str, username: str, window_start: datetime) -> None:
+        """Take back one count made in that window (it was not a failure after all)."""
+        await self.session.execute(
+            update(SigninFailure)
+            .where(
+                SigninFailure.kind == kind,
+                SigninFailure.address == address,
+                SigninFailure.username == username,
+                SigninFailure.window_start == window_start,
+                SigninFailure.failures > 0,
+            )
+            .values(failures=SigninFailure.failures - 1)
+        )
+
+    async def clear(self, kind: str, address: str, username: str) -> None:
+        await self.session.execute(
+            delete(SigninFailure).where(
+                SigninFailure.kind == kind, SigninFailure.address == address, SigninFailure.username == username
+            )
+        )
+
+    async def forget(self, account: str) -> None:
+        """Every count of this account (the account's own, its pairs', its devices')."""
+        await self.session.execute(delete(SigninFailure).where(SigninFailure.username == account))
+
+    async def purge(self, kind: str, before: datetime) -> None:
+        """Windows of this kind that started before `before` count for nothing any more."""
+        await self.session.execute(
+            delete(SigninFailure).where(SigninFailure.kind == kind, SigninFailure.window_start < before)
+        )

@@ -39,6 +39,7 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "tests"))  # chaos.py: free_port, PgBouncer
 
 import blocklist  # noqa: E402  (bench/blocklist.py, beside this file)
+import delivery  # noqa: E402
 import soak  # noqa: E402  (bench/soak.py, beside this file)
 
 from chaos import PgBouncer, free_port  # noqa: E402
@@ -420,6 +421,8 @@ def measure_rounds(
             finally:
                 app.stop()
     hash_rate = bare_hash_rate(2 if args.smoke else 5)
+    if "service" in apps:
+        notes["mail"] = mail_figures(db, args.smoke)
 
     scale: dict[str, float] = {}
     if not args.smoke and not args.no_scale and "service" in apps:
@@ -431,6 +434,16 @@ def measure_rounds(
     out.parent.mkdir(exist_ok=True)
     out.write_text(report)
     print(f"written to {out.resolve()}")
+
+
+def mail_figures(db: Postgres, smoke: bool) -> list[str]:
+    """bench/delivery.py's figures, on a database of their own."""
+    mail = Postgres(db.admin_url, "bench_mail")
+    mail.sql("DROP DATABASE IF EXISTS bench_mail WITH (FORCE)", admin=True)
+    mail.sql("CREATE DATABASE bench_mail", admin=True)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(upgrade_schema, mail.url).result()
+    return delivery.figures(mail.url, smoke)
 
 
 def run_soak(args: argparse.Namespace, db: Postgres, service_env: dict[str, str]) -> None:
@@ -524,6 +537,8 @@ def render(
         f"{hash_rate:.1f} hashes/s. Service signups: {signup:.1f}/s = **{signup / hash_rate:.2f}×** the bare rate.",
     ]
     lines += ["", "The password blocklist, in this process (`bench/blocklist.py`):", "", *blocklist.figures()]
+    if notes.get("mail"):
+        lines += ["", "Mail delivery (`bench/delivery.py`, PostgreSQL, aiosmtpd on loopback):", "", *notes["mail"]]
     targets = target_rows(every, notes, median)
     if targets:
         lines += ["", "The targets (issue 13), from this run:", "", "| target | measured | met |", "|---|---|---|"]

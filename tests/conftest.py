@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from app import create_app
 from chaos import free_port
 from db import Database, database
 from engine import async_url, make_engine
+from mailer import Mailer
 from migrate import upgrade_schema
 from settings import Settings
 
@@ -137,6 +138,19 @@ async def database_probe(request: Request) -> Response:
 
 
 @pytest.fixture
+def no_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's mail delivery loop idle: it takes pooled connections (and SQLite's write lock) of
+    its own, which a probe of the pool cannot tell from a request's. (Asked for before the app.)"""
+
+    async def idle(self: Mailer) -> None:
+        while not self.stopping:
+            await self.woken.wait()
+            self.woken.clear()
+
+    monkeypatch.setattr(Mailer, "run", idle)
+
+
+@pytest.fixture
 async def lifespan(app: Starlette) -> AsyncIterator[LifespanManager]:
     async with LifespanManager(app) as manager:
         yield manager
@@ -211,6 +225,16 @@ def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     in_thread(asyncio.run, postgres_admin(f"CREATE DATABASE {name}"))
     yield postgres_dsn(name)
     in_thread(asyncio.run, postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 30) -> None:
+    """Wait until `check()` holds, for what the service does on its own time (its mail delivery
+    loop, a commit in another process): checked every 50 ms, a failure after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {check.__doc__ or check}")
+        await asyncio.sleep(0.05)
 
 
 # --- helpers for the tests: a user, signed in -------------------------------------------------

@@ -89,7 +89,9 @@ async def test_me_answers_the_private_profile(client: httpx.AsyncClient) -> None
     response = await client.get("/api/users/me", headers=bearer(tokens["access_token"]))
     assert response.status_code == 200
     assert response.json()["email"] == "alice@example.com"
-    assert set(response.json()) == {"id", "username", "email", "address", "phone_number", "created_at"}
+    fields = {"id", "username", "email", "email_verified", "address", "phone_number", "created_at"}
+    assert set(response.json()) == fields
+    assert response.json()["email_verified"] is False
 
 
 def forged(key: str = SECRET, algorithm: str = "HS256", **changes: Any) -> str:

@@ -135,7 +135,11 @@ class ProbingHasher(PasswordHasher):
 
 
 async def test_no_connection_lock_or_transaction_is_held_while_a_password_is_hashed(
-    client: httpx.AsyncClient, engine: AsyncEngine, db: DirectDatabase, monkeypatch: pytest.MonkeyPatch
+    no_delivery: None,
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    db: DirectDatabase,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pool = engine.sync_engine.pool
     seen: list[tuple[str, int, bool]] = []

@@ -16,6 +16,7 @@ import pytest
 
 from chaos import ServiceProcess, free_port
 from conftest import PROJECT_DIR, DirectDatabase, signup_body
+from migrate import upgrade_schema
 
 pytestmark = pytest.mark.e2e
 
@@ -69,18 +70,24 @@ def test_sigterm_stops_the_service_cleanly(database_url: str) -> None:
     assert "Traceback" not in stderr
 
 
-def test_the_readme_curl_walkthrough_works_verbatim(service_url: str) -> None:
+def test_the_readme_curl_walkthrough_works_verbatim(tmp_path: Path) -> None:
     readme = (PROJECT_DIR / "README.md").read_text()
     walkthrough = readme.split("## Try it with curl", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     expected = re.findall(r"^# (\d{3})\b", walkthrough, flags=re.MULTILINE)
     assert shutil.which("curl"), "curl is needed to run the README's curl examples (apt-get install curl)"
-
-    script = walkthrough.replace("http://127.0.0.1:8000", service_url)
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    # As scripts/serve runs it, its log where the walkthrough says (mail goes there: MAIL_URL=log:).
+    database = f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"
+    upgrade_schema(database)  # scripts/serve migrates first
+    service = ServiceProcess(database, tmp_path / "users.log")
+    try:
+        script = walkthrough.replace("http://127.0.0.1:8000", service.url)
+        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        service.stop()
 
     statuses = re.findall(r"HTTP/1\.1 (\d{3}) ", result.stdout)  # bodies end without a newline
     assert statuses == expected, result.stdout + result.stderr
-    assert len(expected) == 12
+    assert len(expected) == 14
 
 
 def test_a_failed_statement_logs_no_bound_parameter(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ async def test_transactions_are_counted_by_how_they_ended(app: Starlette, client
     assert value(found, "db_transactions_total", outcome="commit_failed") == 1
 
 
-async def test_the_pool_gauges_follow_the_pool(client: httpx.AsyncClient, engine: Any) -> None:
+async def test_the_pool_gauges_follow_the_pool(no_delivery: None, client: httpx.AsyncClient, engine: Any) -> None:
     for _ in range(3):
         await client.get("/api/users/nobody")
 

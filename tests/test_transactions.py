@@ -28,7 +28,8 @@ from conftest import DirectDatabase, signup_body
 from settings import Settings
 from stores import UserStore
 
-pytestmark = pytest.mark.anyio
+# The mail delivery loop idle: these tests count the pool's checkouts, which would count its own too.
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_delivery")]
 
 
 def add_route(app: Starlette, path: str, endpoint: Any, methods: list[str] | None = None) -> None:

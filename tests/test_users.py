@@ -22,7 +22,7 @@ async def test_signup_creates_the_user_and_answers_the_private_profile(
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "username", "email", "address", "phone_number", "created_at"}
+    assert set(body) == {"id", "username", "email", "email_verified", "address", "phone_number", "created_at"}
     assert body["username"] == "alice"
     assert body["email"] == "Alice@example.com"  # the domain is normalized, the local part kept
     assert body["created_at"].endswith("Z")
