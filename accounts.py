@@ -44,11 +44,22 @@ async def signup(request: Request) -> Response:
         user = await UserStore(session).create(username=data.username, email=data.email, password_hash=password_hash)
     except IntegrityError as error:
         # The unique constraints decide, so two racing signups cannot both win.
-        raise HTTPException(409, f"{taken_key(error).capitalize()} already exists") from None
+        raise HTTPException(
+            409, f"{(await taken(request, error, data.username)).capitalize()} already exists"
+        ) from None
     await verification_link(session, request, user, user.email)
     await record(session, "signup", user, request=request)
     await purge(session, resources(request).settings.audit_retention_days)
     return model_response(PrivateProfile.model_validate(user), 201, private=True)
+
+
+async def taken(request: Request, error: IntegrityError, username: str) -> str:
+    """What a signup's 409 names: the username, if it is taken (even when the error names the
+    email: which constraint SQLite checks first depends on how its table was last rebuilt)."""
+    if taken_key(error) == "username":
+        return "username"
+    async with transaction(database(request).reads) as session:  # the request's transaction failed
+        return "username" if await UserStore(session).username_taken(username) else "email"
 
 
 async def find_account(request: Request, identifier: str) -> tuple[User | None, str]:

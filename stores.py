@@ -64,6 +64,11 @@ class UserStore:
     async def get_by_username(self, username: str) -> User | None:
         return await self.session.scalar(BY_USERNAME, {"username": username})
 
+    async def username_taken(self, username: str) -> bool:
+        """Whether a user has this username, in any case."""
+        statement = select(User.id).where(User.username_key == username.lower())
+        return await self.session.scalar(statement) is not None
+
     async def get_by_email(self, email: str) -> User | None:
         return await self.session.scalar(BY_EMAIL_KEY, {"email_key": email_key(email)})
 
