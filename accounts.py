@@ -24,7 +24,6 @@ from db import DBSession, database, transaction
 from errors import error_response, field_error
 from models import IDENTIFIER_LENGTH, TokenFamily, User, email_key
 from openapi import BODY_ERRORS, Operation
-from passwords import hash_password, verify_password
 from resources import resources
 from responses import PrivateProfile, SigninTokens, TokenPair, model_response
 from schemas import Signin, Signup, read_json_body
@@ -38,7 +37,7 @@ async def signup(request: Request) -> Response:
     await count_signup(request)  # a 429 here costs no hash
     if await resources(request).breaches.breached(data.password):
         raise field_error("password", BREACHED)
-    password_hash = await hash_password(data.password, resources(request).hash_limiter)
+    password_hash = await resources(request).hashing.hash(data.password)
     session = request.state.session
     try:
         user = await UserStore(session).create(username=data.username, email=data.email, password_hash=password_hash)
@@ -86,7 +85,7 @@ async def signin(request: Request) -> Response:
 
     rules = signin_rules(found.settings, address_key(request), account, device)
     attempt = await count_attempt(request, rules, went_over=went_over)  # a 429 here costs no hash
-    matches, rehash = await verify_password(user.password_hash if user else None, data.password, found.hash_limiter)
+    matches, rehash = await found.hashing.verify(user.password_hash if user else None, data.password)
     if not matches:
         async with transaction(database(request).writes) as session:  # said whatever the answer: committed now
             await record(session, "signin_failed", user, request=request, username=data.username)
@@ -99,7 +98,7 @@ async def signin(request: Request) -> Response:
             await attempt.succeeded(session)  # the password was right: not a failure
             await record(session, "signin_failed", user, request=request, detail=refusal.detail)
         raise refusal
-    new_hash = await hash_password(data.password, found.hash_limiter) if rehash else None
+    new_hash = await found.hashing.hash(data.password) if rehash else None
     session = request.state.session
     # Only if the hash just verified is still the user's: a password change may have committed meanwhile.
     signed_in = await UserStore(session).signed_in(user.id, user.password_hash, new_hash)

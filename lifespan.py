@@ -26,7 +26,7 @@ from mailer import Mailer
 from metrics import Metrics
 from migrate import SchemaRevisions
 from password_rules import PasswordRules, blocklist
-from passwords import hash_limiter
+from passwords import Hashing, argon2id
 from protocol import log_accept_failures_once_in_a_while
 from resources import Resources
 from settings import Settings
@@ -47,6 +47,7 @@ def lifespan(settings: Settings, tokens: Tokens, metrics: Metrics | None) -> Lif
             metrics.watch_pool(engine.sync_engine)
         database = Database.on(engine, autocommit_reads=autocommit, close_timeout=settings.command_timeout)
         rules = PasswordRules(settings.password_min_length, settings.service_name)
+        hashing = Hashing(argon2id(settings.argon2_memory_kib, settings.argon2_time_cost))
         blocklist(rules.min_length)  # made now, not at the first signup
         breaches = BreachCheck(settings.pwned_passwords_url, settings.pwned_passwords_fail_closed, metrics)
         mailer = Mailer(database, settings, metrics)
@@ -61,9 +62,7 @@ def lifespan(settings: Settings, tokens: Tokens, metrics: Metrics | None) -> Lif
             async with running(flush_logs_periodically()), mailer.delivering():
                 with draining_on_sigterm() as draining:
                     schema = SchemaRevisions.from_migrations()
-                    made = Resources(
-                        settings, tokens, hash_limiter(), schema, metrics, draining, rules, breaches, mailer
-                    )
+                    made = Resources(settings, tokens, hashing, schema, metrics, draining, rules, breaches, mailer)
                     yield {"database": database, "resources": made}
         finally:
             await breaches.close()

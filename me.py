@@ -20,7 +20,6 @@ from breaches import BREACHED
 from errors import ProofRefused, field_error
 from models import User
 from openapi import BODY_ERRORS, Operation
-from passwords import hash_password, verify_password
 from resources import resources
 from responses import EventPage, PrivateProfile, Sessions, SessionView, event_page, model_response
 from schemas import AccountDeletion, EventsQuery, PasswordChange, ProfileUpdate, read_json_body
@@ -39,7 +38,7 @@ async def prove_password(request: Request, user: User, password: str, field: str
     over a typo)."""
     settings = resources(request).settings
     attempt = await count_attempt(request, signin_rules(settings, address_key(request), user.username_key))
-    matches, _ = await verify_password(user.password_hash, password, resources(request).hash_limiter)
+    matches, _ = await resources(request).hashing.verify(user.password_hash, password)
     if not matches:
         raise ProofRefused(field, "is not your current password")
     return attempt
@@ -85,7 +84,7 @@ async def change_password(request: Request) -> Response:
     if await found.breaches.breached(data.new_password):
         raise field_error("new_password", BREACHED)
     attempt = await prove_password(request, user, data.old_password, "old_password")
-    new_hash = await hash_password(data.new_password, found.hash_limiter)
+    new_hash = await found.hashing.hash(data.new_password)
     # Only if the token still holds: a racing change or deletion that committed first makes this
     # one fail (and has ended this token) instead of being overwritten.
     session = request.state.session

@@ -22,7 +22,6 @@ from db import database, transaction
 from errors import ProofRefused, field_error
 from models import User, email_key
 from openapi import BODY_ERRORS, Operation
-from passwords import hash_password
 from resources import resources
 from responses import Accepted, model_response
 from schemas import EmailProof, PasswordResetConfirm, PasswordResetRequest, read_json_body
@@ -77,7 +76,7 @@ async def confirm_password_reset(request: Request) -> Response:
         raise field_error("new_password", refusal)
     if await found.breaches.breached(data.new_password):
         raise field_error("new_password", BREACHED)
-    new_hash = await hash_password(data.new_password, found.hash_limiter)
+    new_hash = await found.hashing.hash(data.new_password)
     session = request.state.session
     if await AccountTokenStore(session).use(RESET, data.token) is None:  # once: of two at once, one
         raise bad_token("password reset")

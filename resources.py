@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import anyio
 from starlette.requests import Request
 
 from breaches import BreachCheck
@@ -14,6 +13,7 @@ from mailer import Mailer
 from metrics import Metrics
 from migrate import SchemaRevisions
 from password_rules import PasswordRules
+from passwords import Hashing
 from settings import Settings
 from tokens import Tokens
 
@@ -22,7 +22,7 @@ from tokens import Tokens
 class Resources:
     settings: Settings
     tokens: Tokens
-    hash_limiter: anyio.CapacityLimiter  # about one password hash per CPU at a time
+    hashing: Hashing  # Argon2id, about one password hash per CPU at a time
     schema: SchemaRevisions  # what /readyz compares the database with
     metrics: Metrics | None  # None with METRICS=false
     draining: threading.Event  # set by SIGTERM: /readyz answers 503 from then on

@@ -143,6 +143,12 @@ class Settings:
         "DEVICE_TOKEN_TTL", 7776000, int,
         "seconds a signin's `device_token` lets that device past the address and account throttles (90 days)",
     )
+    argon2_memory_kib: int = setting(
+        "ARGON2_MEMORY_KIB", 19456, int,
+        "memory of one Argon2id password hash, in KiB (OWASP's baseline: 19 MiB, with 2 passes); a hash made "
+        "with other parameters is made again at its next signin",
+    )
+    argon2_time_cost: int = setting("ARGON2_TIME_COST", 2, int, "passes of one Argon2id password hash")
     password_min_length: int = setting(
         "PASSWORD_MIN_LENGTH", 15, password_min_length,
         "fewest characters of a new password (NIST SP 800-63B rev 4, for a password that is the only factor); "

@@ -21,7 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 
 from engine import async_url
 from models import User, email_key
-from passwords import hasher
+from passwords import argon2id
+
+hasher = argon2id()  # the service's parameters: the same hash costs the same everywhere
 
 engine = create_async_engine(async_url(os.environ["DATABASE_URL"]), pool_recycle=28000, pool_pre_ping=True)
 session_factory = async_sessionmaker(bind=engine, expire_on_commit=False)

@@ -20,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from passwords import hasher
+from passwords import argon2id
+
+hasher = argon2id()  # the service's parameters: the same hash costs the same everywhere
 
 PUBLIC = "SELECT id, username, created_at FROM users"
 URL = os.environ["DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")

@@ -26,7 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from engine import async_url
 from models import User, email_key
-from passwords import hasher
+from passwords import argon2id
+
+hasher = argon2id()  # the service's parameters: the same hash costs the same everywhere
 
 limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
 alchemy = SQLAlchemyAsyncConfig(

@@ -45,8 +45,10 @@ import soak  # noqa: E402  (bench/soak.py, beside this file)
 from chaos import PgBouncer, free_port  # noqa: E402
 from keys import secret_key  # noqa: E402
 from migrate import upgrade_schema  # noqa: E402
-from passwords import hasher  # noqa: E402
+from passwords import argon2id  # noqa: E402
 from tokens import Tokens  # noqa: E402
+
+hasher = argon2id()  # the service's parameters: the same hash costs the same everywhere
 
 SECRET = "bench-secret-0123456789abcdefghijklmnopqrstuv"  # HS256: the reference apps check it too
 BENCH_FAMILY = "b" * 32
@@ -228,8 +230,8 @@ class Postgres:
         )
         # The family of the token that the /me scenario presents (one signin's, as the service checks).
         self.sql(
-            "INSERT INTO token_families (id, user_id, generation, expires_at) "
-            "VALUES ($1, 1, 0, now() + interval '1 day') ON CONFLICT DO NOTHING",
+            "INSERT INTO token_families (id, user_id, generation, expires_at, created_at, last_used_at) "
+            "VALUES ($1, 1, 0, now() + interval '1 day', now(), now()) ON CONFLICT DO NOTHING",
             BENCH_FAMILY,
         )
         self.sql("VACUUM ANALYZE users")

@@ -78,7 +78,7 @@ async def test_signin_upgrades_a_hash_made_with_older_parameters(client: httpx.A
 
     assert response.status_code == 200
     upgraded = await db.scalar("SELECT password_hash FROM users")
-    assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")  # this module's settings: the defaults
     assert (
         await client.post("/api/users/signin", json={"username": "alice", "password": "Kiwi-Tango-Mango-57"})
     ).is_success

@@ -27,10 +27,11 @@ def manage_py(database_url: str, *arguments: str) -> subprocess.CompletedProcess
     )
 
 
-def grant_admin(database_url: str, monkeypatch: pytest.MonkeyPatch, username: str) -> None:
-    """The same command, in this process (faster): manage.main, away from the test's event loop."""
+async def grant_admin(database_url: str, monkeypatch: pytest.MonkeyPatch, username: str) -> None:
+    """The same command, in this process (faster): manage.main, in a thread, while the test's event
+    loop (and the app's delivery loop, which may hold SQLite's write lock) goes on."""
     monkeypatch.setenv("DATABASE_URL", database_url)
-    assert in_thread(manage.main, ["grant-admin", username]) == 0
+    assert await asyncio.to_thread(manage.main, ["grant-admin", username]) == 0
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ async def admin(client: httpx.AsyncClient, database_url: str, monkeypatch: pytes
     """An administrator's headers (root), and two users, alice and bob."""
     for name in ("root", "alice", "bob"):
         assert (await client.post("/api/users/signup", json=signup_body(name))).status_code == 201
-    grant_admin(database_url, monkeypatch, "root")
+    await grant_admin(database_url, monkeypatch, "root")
     return bearer((await sign_in(client, "root"))["access_token"])
 
 
@@ -192,8 +193,8 @@ async def test_two_admins_disabling_and_enabling_at_once_agree_with_the_database
     ):
         for name in ("ann", "ben", "alice"):
             await first.post("/api/users/signup", json=signup_body(name))
-        grant_admin(database_url, monkeypatch, "ann")
-        grant_admin(database_url, monkeypatch, "ben")
+        await grant_admin(database_url, monkeypatch, "ann")
+        await grant_admin(database_url, monkeypatch, "ben")
         ann, ben = [bearer((await sign_in(first, name))["access_token"]) for name in ("ann", "ben")]
         for round in range(20):
             actions = ("disable", "enable") if round % 2 else ("enable", "disable")

@@ -129,7 +129,7 @@ async def test_users_read_their_own_history_and_operators_everyones(
     assert older["next"] is None
     assert {item["username"] for item in page["items"] + older["items"]} == {"alice"}  # not bob's
 
-    grant_admin(database_url, monkeypatch, "bob")
+    await grant_admin(database_url, monkeypatch, "bob")
     bob = bearer((await sign_in(client, "bob"))["access_token"])
     everyone = (await client.get("/api/admin/events", params={"limit": 100}, headers=bob)).json()["items"]
     assert len(everyone) == await db.scalar("SELECT count(*) FROM audit_events")

@@ -18,11 +18,11 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
 
 import background_app
-import passwords
 from clusters import StartService
-from conftest import DirectDatabase, bearer, sign_in, sign_up_and_in, signup_body
+from conftest import DirectDatabase, app_resources, bearer, sign_in, sign_up_and_in, signup_body
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -136,6 +136,7 @@ class ProbingHasher(PasswordHasher):
 
 async def test_no_connection_lock_or_transaction_is_held_while_a_password_is_hashed(
     no_delivery: None,
+    app: Starlette,
     client: httpx.AsyncClient,
     engine: AsyncEngine,
     db: DirectDatabase,
@@ -148,7 +149,7 @@ async def test_no_connection_lock_or_transaction_is_held_while_a_password_is_has
         lock_free = db.backend != "sqlite" or write_lock_is_free(sqlite_path(db.url))
         seen.append((what, pool.checkedout(), lock_free))  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(passwords, "hasher", ProbingHasher(probe))
+    monkeypatch.setattr((await app_resources(app, client)).hashing, "hasher", ProbingHasher(probe))
     token = (await sign_up_and_in(client, "alice"))["access_token"]  # a hash, a verification
     assert await signin_status(client, "alice", "Wrong123!") == 401
     assert await signin_status(client, "nobody", "Kiwi-Tango-Mango-57") == 401  # against a dummy hash

@@ -22,7 +22,7 @@ from app import create_app
 from chaos import free_port
 from conftest import PASSWORD, DirectDatabase, bearer, field_errors, sign_in, sign_up_and_in, signup_body
 from password_rules import blocklist, common_passwords
-from passwords import hasher
+from passwords import argon2id
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -119,7 +119,7 @@ async def test_a_hash_made_before_normalization_still_verifies_and_is_made_again
     typed = "\ufb01ve-\ufb02ying-\ufb01sh-o\ufb00-shore"  # ligatures (fi, fl, ff): NFKC spells them out
     await client.post("/api/users/signup", json=signup_body("alice"))
     # As the service hashed passwords before it normalized them: the form that was typed.
-    await db.execute("UPDATE users SET password_hash = :hash", {"hash": hasher.hash(typed)})
+    await db.execute("UPDATE users SET password_hash = :hash", {"hash": argon2id().hash(typed)})
 
     await sign_in(client, "alice", typed)
 
@@ -232,3 +232,11 @@ async def test_fail_closed_answers_503_when_the_range_api_is_down_and_writes_not
         assert response.headers["retry-after"] == "2"
         assert response.json() == {"detail": "The breached-password check is unavailable; try again shortly."}
     assert await db.usernames() == []
+
+
+async def test_passwords_are_hashed_at_owasps_argon2id_baseline_unless_configured(
+    database_url: str, db: DirectDatabase
+) -> None:
+    async with started(Settings(database_url=database_url)) as client:  # the defaults a user gets
+        await client.post("/api/users/signup", json=signup_body("alice"))
+    assert (await db.scalar("SELECT password_hash FROM users")).startswith("$argon2id$v=19$m=19456,t=2,p=1$")
