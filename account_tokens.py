@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from datetime import UTC, datetime
 
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Row, bindparam, delete, insert, select, update
 
 from db import DBSession
 from models import AccountToken
@@ -20,6 +20,12 @@ def hashed(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# Built once, on the table: a signup writes one.
+table = AccountToken.metadata.tables[AccountToken.__tablename__]
+EXPIRED = delete(table).where(table.c.expires_at < bindparam("now"))
+NEW_TOKEN = insert(table)
+
+
 class AccountTokenStore:
     def __init__(self, session: DBSession) -> None:
         self.session = session
@@ -27,10 +33,10 @@ class AccountTokenStore:
     async def add(self, purpose: str, user_id: int, email: str, expires_at: datetime) -> str:
         """A new token (the only time it is seen in clear: it goes into a mail). Expired tokens are
         purged on the way."""
-        await self.session.execute(delete(AccountToken).where(AccountToken.expires_at < datetime.now(UTC)))
+        await self.session.execute(EXPIRED, {"now": datetime.now(UTC)})
         token = secrets.token_urlsafe(32)
         values = {"token_hash": hashed(token), "purpose": purpose, "user_id": user_id, "email": email}
-        await self.session.execute(insert(AccountToken).values(**values, expires_at=expires_at))
+        await self.session.execute(NEW_TOKEN, {**values, "expires_at": expires_at})
         return token
 
     async def find(self, purpose: str, token: str) -> AccountToken | None:

@@ -52,12 +52,17 @@ class Event:
     detail: str | None = None
 
 
+INSERT = insert(
+    AuditEvent.metadata.tables[AuditEvent.__tablename__]
+)  # built once: Core on the table, as a hot path's statements are
+
+
 class AuditStore:
     def __init__(self, session: DBSession) -> None:
         self.session = session
 
     async def add(self, event: Event, at: datetime) -> None:
-        await self.session.execute(insert(AuditEvent).values(at=at, **asdict(event)))
+        await self.session.execute(INSERT, {"at": at, **asdict(event)})
 
     async def purge(self, before: datetime) -> None:
         await self.session.execute(delete(AuditEvent).where(AuditEvent.at < before))

@@ -34,14 +34,17 @@ async def queue(
     token_expires_at: datetime | None = None,
 ) -> None:
     """Write a mail in `session`'s transaction; `wake` (the delivery loop's) is called once it commits."""
-    await session.execute(
-        insert(MailMessage).values(
-            message_id=new_message_id(sender), kind=kind, recipient=recipient, subject=subject, body=body,
-            status=PENDING, attempts=0, next_attempt_at=now, created_at=now, token_expires_at=token_expires_at,
-        )
-    )  # fmt: skip
+    row = {"message_id": new_message_id(sender), "kind": kind, "recipient": recipient, "subject": subject,
+           "body": body, "status": PENDING, "attempts": 0, "next_attempt_at": now, "created_at": now,
+           "token_expires_at": token_expires_at}  # fmt: skip
+    await session.execute(NEW_MESSAGE, row)
     if wake is not None:
         session.on_commit(wake)
+
+
+# Built once: a signup writes one, and the idle loop looks every few seconds.
+NEW_MESSAGE = insert(MailMessage.metadata.tables[MailMessage.__tablename__])
+PENDING_COUNT = select(func.count(), func.min(MailMessage.next_attempt_at)).where(MailMessage.status == PENDING)
 
 
 class OutboxStore:
@@ -50,8 +53,7 @@ class OutboxStore:
 
     async def pending(self) -> Row[int, datetime | None]:
         """(how many wait, when the first of them is due): one cheap look, for an idle loop."""
-        statement = select(func.count(), func.min(MailMessage.next_attempt_at)).where(MailMessage.status == PENDING)
-        return (await self.session.execute(statement)).one()
+        return (await self.session.execute(PENDING_COUNT)).one()
 
     async def claim(self, now: datetime, lease: timedelta, limit: int) -> Sequence[Any]:
         """Take up to `limit` due messages for this process for `lease`, counting a try of each. On

@@ -16,8 +16,9 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import case, delete, update
+from sqlalchemy import bindparam, case, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException
@@ -123,6 +124,48 @@ async def count_signup(request: Request) -> None:
     await count_attempt(request, [rule], "Too many signups from this address")
 
 
+def _count(insert: Callable[..., Any]) -> Any:
+    """count's statement, for a dialect's INSERT ... ON CONFLICT."""
+    row = SigninFailure
+    expired = row.window_start <= bindparam("b_expired_before", type_=row.window_start.type)
+    now = bindparam("b_now", type_=row.window_start.type)
+    return (
+        insert(row)
+        .values(kind=bindparam("b_kind"), address=bindparam("b_address"), username=bindparam("b_username"),
+                window_start=now, failures=1)
+        .on_conflict_do_update(
+            index_elements=[row.kind, row.address, row.username],
+            set_={
+                "failures": case(
+                    (expired, 1), (row.failures > bindparam("b_stop", type_=row.failures.type), row.failures),
+                    else_=row.failures + 1,
+                ),
+                "window_start": case((expired, now), else_=row.window_start),
+            },
+        )
+        .returning(row.failures, row.window_start)
+    )  # fmt: skip
+
+
+# Built once, as the hot lookups are: a signin runs five to eight of these, and building a
+# statement (and its cache key) per call costs more CPU than running it.
+COUNT = {"postgresql": _count(postgresql.insert), "sqlite": _count(sqlite.insert)}
+KEY = (
+    (SigninFailure.kind == bindparam("b_kind"))
+    & (SigninFailure.address == bindparam("b_address"))
+    & (SigninFailure.username == bindparam("b_username"))
+)
+UNCOUNT = (
+    update(SigninFailure)
+    .where(KEY, SigninFailure.window_start == bindparam("b_window_start"), SigninFailure.failures > 0)
+    .values(failures=SigninFailure.failures - 1)
+)
+CLEAR = delete(SigninFailure).where(KEY)
+PURGE = delete(SigninFailure).where(
+    SigninFailure.kind == bindparam("b_kind"), SigninFailure.window_start < bindparam("b_before")
+)
+
+
 class SigninFailureStore:
     """The throttles' counts: attempts per (kind, address, username) in a window from the first
     (see models.SigninFailure)."""
@@ -137,46 +180,21 @@ class SigninFailureStore:
         statement (so that concurrent attempts cannot all read the same count), but not past
         `limit + 2`: a rule over its limit stops counting (`limit + 1` is the attempt that went
         over, `limit + 2` any after it). (count, window start)."""
-        dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
-        expired = SigninFailure.window_start <= now - window
-        statement = (
-            dialect.insert(SigninFailure)
-            .values(kind=kind, address=address, username=username, window_start=now, failures=1)
-            .on_conflict_do_update(
-                index_elements=[SigninFailure.kind, SigninFailure.address, SigninFailure.username],
-                set_={
-                    "failures": case(
-                        (expired, 1), (SigninFailure.failures > limit + 1, SigninFailure.failures),
-                        else_=SigninFailure.failures + 1,
-                    ),
-                    "window_start": case((expired, now), else_=SigninFailure.window_start),
-                },
-            )
-            .returning(SigninFailure.failures, SigninFailure.window_start)
-        )  # fmt: skip
-        failures, window_start = (await self.session.execute(statement)).one()
+        statement = COUNT[self.session.get_bind().dialect.name]
+        values = {"b_kind": kind, "b_address": address, "b_username": username}
+        result = await self.session.execute(
+            statement, {**values, "b_now": now, "b_expired_before": now - window, "b_stop": limit + 1}
+        )
+        failures, window_start = result.one()
         return failures, window_start
 
     async def uncount(self, kind: str, address: str, username: str, window_start: datetime) -> None:
         """Take back one count made in that window (it was not a failure after all)."""
-        await self.session.execute(
-            update(SigninFailure)
-            .where(
-                SigninFailure.kind == kind,
-                SigninFailure.address == address,
-                SigninFailure.username == username,
-                SigninFailure.window_start == window_start,
-                SigninFailure.failures > 0,
-            )
-            .values(failures=SigninFailure.failures - 1)
-        )
+        values = {"b_kind": kind, "b_address": address, "b_username": username, "b_window_start": window_start}
+        await self.session.execute(UNCOUNT, values)
 
     async def clear(self, kind: str, address: str, username: str) -> None:
-        await self.session.execute(
-            delete(SigninFailure).where(
-                SigninFailure.kind == kind, SigninFailure.address == address, SigninFailure.username == username
-            )
-        )
+        await self.session.execute(CLEAR, {"b_kind": kind, "b_address": address, "b_username": username})
 
     async def forget(self, account: str) -> None:
         """Every count of this account (the account's own, its pairs', its devices')."""
@@ -184,6 +202,4 @@ class SigninFailureStore:
 
     async def purge(self, kind: str, before: datetime) -> None:
         """Windows of this kind that started before `before` count for nothing any more."""
-        await self.session.execute(
-            delete(SigninFailure).where(SigninFailure.kind == kind, SigninFailure.window_start < before)
-        )
+        await self.session.execute(PURGE, {"b_kind": kind, "b_before": before})
