@@ -107,9 +107,14 @@ def postgres_template() -> Iterator[str]:
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database with the migrated schema, for this test alone."""
+    yield from fresh_database(request, tmp_path)
+
+
+def fresh_database(request: pytest.FixtureRequest, directory: Path) -> Iterator[str]:
+    """A database copied from the migrated template of the backend `request.param` names, dropped after."""
     if request.param == "sqlite":
-        shutil.copy(request.getfixturevalue("sqlite_template"), tmp_path / "users.db")
-        yield f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"
+        shutil.copy(request.getfixturevalue("sqlite_template"), directory / "users.db")
+        yield f"sqlite+aiosqlite:///{directory / 'users.db'}"
         return
     template = request.getfixturevalue("postgres_template")
     name = f"users_test_{uuid.uuid4().hex[:12]}"
@@ -127,11 +132,20 @@ CHEAP_HASHES = {"ARGON2_MEMORY_KIB": "1024", "ARGON2_TIME_COST": "1"}
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
+    return cheap_settings(database_url)
+
+
+def cheap_settings(database_url: str) -> Settings:
     return Settings(database_url=database_url, argon2_memory_kib=1024, argon2_time_cost=1)
 
 
 @pytest.fixture
 def app(settings: Settings) -> Starlette:
+    return app_for_tests(settings)
+
+
+def app_for_tests(settings: Settings) -> Starlette:
+    """The app, and a test-only route that hands over what its lifespan made (app_database)."""
     app = create_app(settings)
     app.router.routes.insert(0, Route(DATABASE_PROBE, database_probe, methods=["GET"], include_in_schema=False))
     return app
@@ -187,10 +201,14 @@ async def app_resources(app: Starlette, client: httpx.AsyncClient) -> Resources:
 
 @pytest.fixture
 async def client(lifespan: LifespanManager) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(lifespan) as client:
+        yield client
+
+
+def asgi_client(lifespan: LifespanManager) -> httpx.AsyncClient:
     # raise_app_exceptions=False: see the 500 the client would see, not the server's traceback.
     transport = httpx.ASGITransport(app=lifespan.app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield client
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture

@@ -1,17 +1,35 @@
 """Bad input of every kind, on every route that takes a body or a query: a clear 4xx in the one
-error shape, and the database exactly as it was."""
+error shape, and the database exactly as it was.
+
+Each test checks that it wrote nothing, so the module shares one database, one running app and one
+signed-in user per backend (per pytest-xdist worker): made for each of its 500 tests, they were
+most of what it cost.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
 from starlette.types import Message
 
-from conftest import DirectDatabase, bearer, sign_up_and_in, signup_body
+from conftest import (
+    BACKENDS,
+    DirectDatabase,
+    app_for_tests,
+    asgi_client,
+    bearer,
+    cheap_settings,
+    fresh_database,
+    sign_up_and_in,
+    signup_body,
+)
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -86,15 +104,47 @@ CASES = [(path, what, body) for path in VALID for what, body in bad_bodies(path)
 AUTHENTICATED = ("/api/users/me", "/api/users/me/password")
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from fresh_database(request, tmp_path_factory.mktemp("bad_input"))
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
+    return cheap_settings(database_url)
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings) -> Starlette:
+    return app_for_tests(settings)
+
+
+@pytest.fixture(scope="module")
+async def lifespan(app: Starlette) -> AsyncIterator[LifespanManager]:
+    async with LifespanManager(app) as manager:
+        yield manager
+
+
+@pytest.fixture(scope="module")
+async def client(lifespan: LifespanManager) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(lifespan) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def alice(client: httpx.AsyncClient) -> dict[str, str]:
+    """alice's bearer token (she signs up once: each test leaves her as she was)."""
+    tokens = await sign_up_and_in(client, "alice")
+    return bearer(tokens["access_token"])
+
+
 @pytest.fixture
-async def signed_in(request: pytest.FixtureRequest, client: httpx.AsyncClient) -> dict[str, str]:
-    """alice's bearer token, for a test of a route that takes one (the others need no user, and a
-    signup and a signin are two Argon2 hashes: most of what this file's tests cost)."""
+def signed_in(request: pytest.FixtureRequest, alice: dict[str, str]) -> dict[str, str]:
+    """alice's bearer token, for a test of a route that takes one."""
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("path", AUTHENTICATED[0]) not in AUTHENTICATED:
         return {}
-    tokens = await sign_up_and_in(client, "alice")
-    return bearer(tokens["access_token"])
+    return alice
 
 
 async def snapshot(db: DirectDatabase) -> list[Any]:
@@ -291,10 +341,11 @@ async def test_a_bearer_token_the_database_cannot_hold_is_401(
 async def test_a_body_with_thousands_of_unknown_fields_lists_at_most_20(
     client: httpx.AsyncClient, db: DirectDatabase
 ) -> None:
-    body = {**signup_body("alice"), **{f"x{i}": 0 for i in range(4000)}}  # 4,000 unknown keys, under 64 KiB
+    before = await snapshot(db)
+    body = {**signup_body("bob"), **{f"x{i}": 0 for i in range(4000)}}  # 4,000 unknown keys, under 64 KiB
     response = await client.post("/api/users/signup", json=body)
     assert response.status_code == 400
     assert response.json()["detail"] == "Some fields are missing or invalid (the first 20 are listed)."
     assert [error["field"] for error in response.json()["errors"]] == [f"x{i}" for i in range(20)]
     assert len(response.content) < 2000
-    assert await db.usernames() == []
+    assert await snapshot(db) == before
