@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,14 @@ async def app_resources(app: Starlette, client: httpx.AsyncClient) -> Resources:
 @pytest.fixture
 async def client(lifespan: LifespanManager) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(lifespan) as client:
+        yield client
+
+
+@asynccontextmanager
+async def client_from(app: Starlette, address: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client on a running app whose requests come from `address` (as the server would see it)."""
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
 
 

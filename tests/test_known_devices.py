@@ -5,7 +5,6 @@ account throttles that other clients' failures set off, with a limit of its own.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import httpx
@@ -14,7 +13,7 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from app import create_app
-from conftest import PASSWORD, DirectDatabase, signup_body
+from conftest import PASSWORD, DirectDatabase, client_from, signup_body
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -28,13 +27,6 @@ async def app(settings: Settings) -> AsyncIterator[Starlette]:
     changed = replace(settings, signin_address_failure_limit=3, signin_account_failure_limit=6)
     async with LifespanManager(create_app(changed)) as manager:
         yield manager.app  # type: ignore[misc]
-
-
-@asynccontextmanager
-async def client_from(app: Starlette, address: str) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, client=(address, 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield client
 
 
 async def signin(client: httpx.AsyncClient, username: str, password: str, device: str | None = None) -> httpx.Response:

@@ -7,7 +7,6 @@ import asyncio
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from starlette.applications import Starlette
 import passwords
 from app import create_app
 from chaos import ServiceProcess
-from conftest import DirectDatabase, signup_body
+from conftest import DirectDatabase, client_from, signup_body
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -37,13 +36,6 @@ def settings(database_url: str) -> Settings:
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
     async with LifespanManager(create_app(settings)) as manager:
         yield manager.app  # type: ignore[misc]
-
-
-@asynccontextmanager
-async def client_from(app: Starlette, address: str) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, client=(address, 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield client
 
 
 async def signin(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -16,7 +15,7 @@ from starlette.applications import Starlette
 from addresses import canonical, throttle_key
 from app import create_app
 from clusters import StartService
-from conftest import PASSWORD, DirectDatabase, signup_body
+from conftest import PASSWORD, DirectDatabase, client_from, signup_body
 from logs import flush_logs
 from settings import Settings
 
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.anyio
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
     async with LifespanManager(create_app(settings)) as manager:
         yield manager.app  # type: ignore[misc]
-
-
-@asynccontextmanager
-async def client_from(app: Starlette, address: str) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, client=(address, 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield client
 
 
 async def signin(client: httpx.AsyncClient, username: str, password: str, **headers: str) -> int:
