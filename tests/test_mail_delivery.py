@@ -180,7 +180,7 @@ async def test_two_replicas_of_two_workers_deliver_every_message_once(
         "PASSWORD_RESET_ADDRESS_LIMIT": "0",
     }  # fmt: skip
     replicas = [ServiceProcess(database_url, tmp_path / f"replica{i}.log", **settings) for i in range(2)]
-    users, resets = 5, 200
+    users, resets = 5, 100
     try:
         async with httpx.AsyncClient(base_url=replicas[0].url, timeout=30) as first:
             for i in range(users):
