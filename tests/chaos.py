@@ -219,14 +219,11 @@ class ServiceProcess:
     starts it (server.py); `app` another factory, from tests/."""
 
     def __init__(self, database_url: str, log_path: Path, app: str = APP, **settings: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {
+        self.env = {
             **os.environ,
             "DATABASE_URL": database_url,
             "SECRET_KEY": SECRET_KEY,
-            "PORT": str(self.port),
             # These suites sign up hundreds of users from one address; the signup throttle has tests of its own.
             "SIGNUP_ADDRESS_LIMIT": "0",
             # Cheap hashes: what a hash costs is not what these suites prove (tests/conftest.py).
@@ -234,19 +231,39 @@ class ServiceProcess:
             "ARGON2_TIME_COST": "1",
             **settings,
         }
-        command = [sys.executable, "server.py", app]
-        command += ["--app-dir", str(PROJECT_DIR / "tests")] if app != APP else []
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.command = [sys.executable, "server.py", app]
+        self.command += ["--app-dir", str(PROJECT_DIR / "tests")] if app != APP else []
+        # A free port can be taken by another test's process between free_port() and the bind
+        # (pytest-xdist runs four at once): then the service starts again on another.
+        for _ in range(3):
+            if self._start():
+                return
+        raise RuntimeError(f"the service did not start:\n{self.log()}")
+
+    def _start(self) -> bool:
+        """Whether the service answered; False if its port was taken; raises if it failed otherwise."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = self.log_path.open("w")
+        env = {**self.env, "PORT": str(self.port)}
+        self.process = subprocess.Popen(
+            self.command, cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 15
         while True:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
+                    return True
             except httpx.TransportError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start:\n{self.log()}") from None
+                    break
                 time.sleep(0.05)
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
+        if "address already in use" in self.log():
+            return False
+        raise RuntimeError(f"the service did not start:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text()
