@@ -148,7 +148,8 @@ def _count(insert: Callable[..., Any]) -> Any:
 
 
 # Built once, as the hot lookups are: a signin runs five to eight of these, and building a
-# statement (and its cache key) per call costs more CPU than running it.
+# statement (and its cache key) per call costs more CPU than running it. Parameters are "b_"
+# names: SQLAlchemy keeps a column's own name for the VALUES and SET of an INSERT or UPDATE.
 COUNT = {"postgresql": _count(postgresql.insert), "sqlite": _count(sqlite.insert)}
 KEY = (
     (SigninFailure.kind == bindparam("b_kind"))
