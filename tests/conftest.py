@@ -51,8 +51,10 @@ if not POSTGRES_URL and os.environ.get("CI") == "true":
     raise pytest.UsageError("TEST_DATABASE_URL is not set: in CI, PostgreSQL must be tested (use scripts/test).")
 
 
-# The longest tests (real processes, clusters, the fuzzer) go first, so that under pytest-xdist
-# the short ones fill the workers around them instead of one long test starting last.
+# The longest tests (real processes, clusters, the fuzzer) go first, and scripts/test has
+# pytest-xdist hand out tests one at a time (--maxschedchunk 1): the long ones spread over the
+# workers and the short ones fill in around them. In chunks, the first worker would get every long
+# test (they are consecutive) and finish long after the others.
 LONG = ("faults", "ha", "pgbouncer", "e2e")
 
 

@@ -5,6 +5,7 @@ writes cannot lose an update or answer 500; a write after the response is refuse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -55,11 +56,13 @@ def write_lock_is_free(path: str) -> bool:
 
 async def held_by_the_service(db: DirectDatabase) -> list[str]:
     """What the service holds in the database right now: its PostgreSQL sessions that are inside a
-    transaction, or SQLite's write lock."""
+    transaction (in this test's database: other workers' services share the cluster), or SQLite's
+    write lock."""
     if db.backend == "sqlite":
         return [] if write_lock_is_free(sqlite_path(db.url)) else ["the SQLite write lock"]
     rows = await db.rows(
-        "SELECT state FROM pg_stat_activity WHERE application_name = 'users' AND state LIKE 'idle in transaction%'"
+        "SELECT state FROM pg_stat_activity WHERE application_name = 'users'"
+        " AND datname = current_database() AND state LIKE 'idle in transaction%'"
     )
     return [row[0] for row in rows]
 
@@ -86,7 +89,7 @@ async def test_a_slow_body_holds_nothing_and_gets_408_after_body_timeout(
     # A pool of 2 and 3 slow clients: if a slow body held a connection, lookups would wait for one
     # past the pool timeout (2 s), which ends before the body timeout (3 s) would free it.
     service = start_service(database_url, BODY_TIMEOUT="3", DB_POOL_SIZE="2", DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT="2")
-    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client, contextlib.AsyncExitStack() as stack:
         token = (await sign_up_and_in(client, "alice"))["access_token"]
         patch = json.dumps({"address": "Seoul"}).encode()
         password = json.dumps({"old_password": "Kiwi-Tango-Mango-57", "new_password": "Better-Plum-456-Pear?"}).encode()
@@ -95,6 +98,8 @@ async def test_a_slow_body_holds_nothing_and_gets_408_after_body_timeout(
             await send_headers_and_part_of_the_body(service.port, "PATCH", "/api/users/me", token, patch),
             await send_headers_and_part_of_the_body(service.port, "PUT", "/api/users/me/password", token, password),
         ]
+        for _, writer in slow:  # closed even when an assertion fails, not left to the collector
+            stack.callback(writer.transport.abort)
         await anyio.sleep(0.3)  # the service has read their headers and is waiting for the rest
 
         held = await held_by_the_service(db)

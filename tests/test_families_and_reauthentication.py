@@ -1,31 +1,30 @@
 """Token families with reuse detection, re-authentication for what cannot be undone, and the
-email-taken oracle bounded, through a real uvicorn on SQLite and PostgreSQL."""
+email-taken oracle bounded, through the whole app (its middleware, SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
-from clusters import StartService
-from conftest import PASSWORD, DirectDatabase, bearer, field_errors, sign_in, sign_up_and_in, signup_body
+from app import create_app
+from conftest import PASSWORD, DirectDatabase, asgi_client, bearer, field_errors, sign_in, sign_up_and_in, signup_body
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def client(database_url: str, start_service: StartService) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=start_service(database_url).url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-async def strict(database_url: str, start_service: StartService) -> AsyncIterator[httpx.AsyncClient]:
+async def strict(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """A service with no grace for a spent refresh token (REFRESH_REUSE_GRACE=0): any reuse is one."""
-    service = start_service(database_url, REFRESH_REUSE_GRACE="0")
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+    async with (
+        LifespanManager(create_app(replace(settings, refresh_reuse_grace=0))) as manager,
+        asgi_client(manager) as client,
+    ):
         yield client
 
 
