@@ -34,16 +34,23 @@ def pgbouncer(cluster: Cluster) -> Iterator[PgBouncer]:
 async def burst(url: str, prefix: str) -> tuple[list[Outcome], list[int]]:
     """200 signups and 400 lookups at once, from 32 connections."""
     limits = httpx.Limits(max_connections=32)
+    # At most 32 requests out at once: a request's timeout runs from when it is sent, not from
+    # when it joined the client's queue for a connection.
+    connections = asyncio.Semaphore(32)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        signups = [sign_up(client, f"{prefix}{i:04d}") for i in range(200)]
+
+        async def signup(i: int) -> Outcome:
+            async with connections:
+                return await sign_up(client, f"{prefix}{i:04d}")
 
         async def lookup(i: int) -> int:
-            try:
-                return (await client.get(f"/api/users/{prefix}{i % 50:04d}")).status_code
-            except httpx.HTTPError:
-                return 0
+            async with connections:
+                try:
+                    return (await client.get(f"/api/users/{prefix}{i % 50:04d}")).status_code
+                except httpx.HTTPError:
+                    return 0
 
-        results = await asyncio.gather(*signups, *(lookup(i) for i in range(400)))
+        results = await asyncio.gather(*(signup(i) for i in range(200)), *(lookup(i) for i in range(400)))
     return [r for r in results if isinstance(r, Outcome)], [r for r in results if isinstance(r, int)]
 
 
